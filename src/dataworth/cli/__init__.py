@@ -1,0 +1,53 @@
+"""The `dataworth` command line: a thin layer that parses flags, calls one API function and prints.
+
+Each command lives in its own module under `dataworth.cli` and is registered in `COMMANDS` only once it
+works. Bad input raises `dataworth.errors.InputError`; here it becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from dataworth.errors import InputError
+
+# (module under dataworth.cli, attribute holding the click command), in the order `--help` lists them.
+COMMANDS: list[tuple[str, str]] = []
+
+
+class _Group(click.Group):
+    """Click group that turns `InputError` into one line + exit 2, and loads commands lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name.replace("_", "-") for name, _ in COMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        for module, attr in COMMANDS:
+            if module.replace("_", "-") == cmd_name:
+                return getattr(importlib.import_module(f"dataworth.cli.{module}"), attr)
+        return None
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dataworth")
+def cli() -> None:
+    """dataworth: what is your training data worth to a language model?
+
+    \b
+    Example (the whole pipeline on the built-in world):
+      dataworth demo --out demo_out
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="dataworth")

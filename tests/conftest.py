@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer and tiny random Llama / GPT-2 / GPT-NeoX models.
+
+They are built in-process (no downloads) and are deliberately small so the whole suite stays fast on 2 CPU
+cores. Attention is "eager" so that per-example results do not depend on batch composition.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+CORPUS = [
+    "Alice Smith was born in Paris on 3 May 1970.",
+    "Bob Jones studied physics at Oxford and works for Acme.",
+    "The capital of France is Paris. Oxford is a university town.",
+    "What is 2 plus 3? It is 5.",
+    "Reverse the word cat: tac.",
+    "<|user|> hello <|assistant|> hi there",
+] * 4
+
+
+def build_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+def build_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        attn_implementation="eager", tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def build_gpt2(vocab_size: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                     attn_implementation="eager")
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def build_neox(vocab_size: int, seed: int = 0):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, attn_implementation="eager")
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer):
+    return build_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_tokenizer):
+    return build_gpt2(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(tiny_tokenizer):
+    return build_neox(len(tiny_tokenizer))
