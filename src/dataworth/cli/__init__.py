@@ -14,7 +14,10 @@ import click
 from dataworth.errors import InputError
 
 # (module under dataworth.cli, attribute holding the click command), in the order `--help` lists them.
-COMMANDS: list[tuple[str, str]] = []
+COMMANDS: list[tuple[str, str]] = [
+    ("fit", "fit_command"),
+    ("score", "score_command"),
+]
 
 
 class _Group(click.Group):
