@@ -1,0 +1,71 @@
+"""`dataworth score`: influence of every store row on every query; top-k tables, optional full matrix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dataworth.curvature import CURVATURE_KINDS
+from dataworth.scoring import SCORE_MODES, score
+
+
+@click.command("score")
+@click.option("--store", "store", required=True, type=click.Path(file_okay=False), help="Gradient store directory.")
+@click.option("--queries", required=True, help="Query rows: JSONL from `dataworth generate`, any data file or spec.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--mode", type=click.Choice(list(SCORE_MODES)), default="dot", show_default=True,
+              help="dot: g_q·(F+λI)⁻¹g_n; cosine: cos(preconditioned query, train row); relative: dot / self-influence.")
+@click.option("--curvature", type=click.Choice(list(CURVATURE_KINDS)), default="raw", show_default=True,
+              help="Fitted curvature to precondition with (run `dataworth fit` first unless none).")
+@click.option("--top-k", "top_k", type=int, default=10, show_default=True,
+              help="Most positive and most negative rows kept per query (clamped to the store size).")
+@click.option("--full", is_flag=True, help="Also write the full [queries × rows] matrix to OUT/scores.npy.")
+@click.option("--self", "self_influence", is_flag=True, help="Also write every row's self-influence.")
+@click.option("--model", default=None, help="Model spec (default: the model recorded in the store).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@click.option("--block-rows", type=int, default=4096, show_default=True, help="Store rows per streamed block.")
+@click.option("--show", type=int, default=3, show_default=True, help="Top rows printed per query and direction.")
+@click.option("--show-queries", type=int, default=5, show_default=True, help="Queries printed (all are saved).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the summary (timings, counts) as one JSON object to this file.")
+def score_command(store, queries, out, mode, curvature, top_k, full, self_influence, model, device, block_rows,
+                  show, show_queries, json_path):
+    """Influence of every row of STORE on every query in QUERIES; results in OUT.
+
+    Positive scores: up-weighting that training row lowers the query's loss (it helps); negative: it hurts.
+
+    \b
+    Example:
+      dataworth score --store demo_out/store --queries demo_out/queries.jsonl --out demo_out/scores \\
+          --curvature ekfac --mode dot --top-k 20 --self
+    """
+    result = score(store, queries, model, mode=mode, curvature=curvature, top_k=top_k, full=full,
+                   self_influence=self_influence, out=out, block_rows=block_rows, device=device)
+    summary = result.summary
+    for note in summary.get("notes", []):
+        click.echo(f"note: {note}")
+    click.echo(f"scored {summary['n_queries']} queries × {summary['n_rows']} rows ({summary['mode']}, "
+               f"{summary['curvature']} curvature) in {summary['timings']['total_s']:.2f}s")
+    click.echo(format_top(result, show, show_queries))
+    files = ", ".join(str(Path(out) / name) for name in summary.get("files", {}).values())
+    click.echo(f"wrote: {files}, {Path(out) / 'summary.json'}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def format_top(result, show: int, show_queries: int) -> str:
+    """A short plain-text table: for the first ``show_queries`` queries, the ``show`` most positive (+) and
+    most negative (-) rows."""
+    lines = [f"{'query':<20} {'dir':<4} {'rank':>4} {'train_id':<24} {'score':>12}"]
+    table = result.to_pandas()
+    shown = set(result.query_ids[:show_queries])
+    table = table[(table["rank"] <= show) & table["query_id"].isin(shown)]
+    for rec in table.itertuples(index=False):
+        direction = "+" if rec.direction == "positive" else "-"
+        lines.append(f"{str(rec.query_id)[:20]:<20} {direction:<4} {rec.rank:>4} {str(rec.train_id)[:24]:<24} "
+                     f"{rec.score:>12.5g}")
+    if len(result.query_ids) > show_queries:
+        lines.append(f"... and {len(result.query_ids) - show_queries} more queries (see topk.parquet)")
+    return "\n".join(lines)

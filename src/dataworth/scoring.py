@@ -1,0 +1,507 @@
+"""Influence scores of every store row on every query: blocked streaming product, exact top-k, optional full matrix.
+
+Why a module of its own: a store may hold millions of rows, so scoring must stream it in blocks with memory
+that does not grow with the store, while still returning exact results (top-k with defined tie-breaking, and
+the full ``Q × N`` matrix written block by block when asked).
+
+The score (LoGra, Choe et al. 2024, "What is Your Data Worth to GPT?", eq. 2; Koh & Liang 2017) of training
+row ``n`` for query ``q``::
+
+    s(q, n) = ĝ_qᵀ (F + λI)⁻¹ ĝ_n            ĝ: projected gradient rows [D], F: fitted curvature
+
+SIGN CONVENTION (used everywhere in dataworth): ``s(q, n) > 0`` means up-weighting training example ``n``
+*lowers* the query's loss — ``n`` helps ``q``. The number approximates the first-order change
+``−dL_q/dε_n`` of the query loss (summed over its target tokens) when example ``n``'s loss (summed over its
+tokens) is up-weighted by ``ε`` in the training objective (up to the objective's positive normalisation,
+e.g. ``1/N`` for a mean over examples). ``s(q, n) < 0``: ``n`` hurts ``q`` (opposes it).
+
+Modes:
+- ``dot``      ``s(q, n)`` as above.
+- ``cosine``   ``cos(p_q, ĝ_n) = s(q, n) / (‖p_q‖ ‖ĝ_n‖)`` with ``p_q = (F + λI)⁻¹ ĝ_q`` the *preconditioned*
+               query and ``ĝ_n`` the raw training row; lies in ``[-1, 1]``; ``0`` where a norm is 0.
+- ``relative`` ``s(q, n) / s(n, n)`` with ``s(n, n) = ĝ_nᵀ (F + λI)⁻¹ ĝ_n`` the self-influence of ``n``
+               (RelatIF, Barshan et al. 2020); ``0`` where ``s(n, n) = 0`` (a zero gradient row).
+
+Top-k: for each query the ``K`` most positive and the ``K`` most negative rows, ties broken by row order
+(lower store row first), ranks 1-based; exact (a streaming merge, not an approximation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from dataworth.curvature import Curvature, load_curvature
+from dataworth.errors import InputError
+
+SCORE_MODES = ("dot", "cosine", "relative")
+DIRECTIONS = ("positive", "negative")
+SCORES_FORMAT = "dataworth-scores"
+SCORES_VERSION = 1
+DEFAULT_BLOCK_ROWS = 4096
+TOPK_COLUMNS = ["query_id", "direction", "rank", "train_id", "train_row", "score"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure block computations
+
+
+def score_block(mode: str, preconditioned: np.ndarray, block: np.ndarray, query_norms: np.ndarray | None = None,
+                self_influence: np.ndarray | None = None) -> np.ndarray:
+    """Scores ``[Q, B]`` float32 of a block of store rows ``[B, D]`` against preconditioned queries ``[Q, D]``.
+
+    ``dot``: ``P Bᵀ`` (float32 product). ``cosine``: divided by ``‖p_q‖`` (``query_norms [Q]``) and ``‖ĝ_n‖``.
+    ``relative``: divided by ``s(n, n)`` (``self_influence [B]``). Division by a zero norm or self-influence
+    gives 0 (the numerator is then 0 as well).
+    """
+    dots = preconditioned @ np.asarray(block, dtype=np.float32).T
+    if mode == "dot":
+        return dots
+    if mode == "cosine":
+        row_norms = np.linalg.norm(np.asarray(block, dtype=np.float64), axis=1)
+        denom = np.outer(query_norms, row_norms)
+    elif mode == "relative":
+        denom = np.broadcast_to(self_influence, dots.shape)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    out = np.zeros(dots.shape, dtype=np.float64)
+    np.divide(dots, denom, out=out, where=denom > 0)
+    return out.astype(np.float32)
+
+
+def self_influence_block(curvature: Curvature, block: np.ndarray) -> np.ndarray:
+    """``s(n, n) = ĝ_nᵀ (F + λI)⁻¹ ĝ_n`` for a block ``[B, D]`` → ``[B]`` float64 (≥ 0, as ``F + λI`` is PD)."""
+    rows = np.asarray(block, dtype=np.float64)
+    return np.einsum("bd,bd->b", curvature.precondition64(rows), rows)
+
+
+@dataclass
+class StreamingTopK:
+    """The ``k`` largest (``descending``) or smallest values per query seen so far, with their row indices.
+
+    ``update(values [Q, B], first_row)`` merges a block whose columns are rows ``first_row … first_row+B-1``.
+    Blocks must arrive in row order: the kept candidates then all precede the block's rows, so a *stable*
+    sort of ``[kept | block]`` orders ties by row index — exact top-k with ties broken by row order.
+    """
+
+    n_queries: int
+    k: int
+    descending: bool
+    values: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    next_row: int = 0
+
+    def __post_init__(self) -> None:
+        self.values = np.empty((self.n_queries, 0), dtype=np.float32)
+        self.rows = np.empty((self.n_queries, 0), dtype=np.int64)
+
+    def update(self, values: np.ndarray, first_row: int) -> None:
+        if first_row != self.next_row:
+            raise ValueError(f"blocks out of order: expected row {self.next_row}, got {first_row}")
+        n = values.shape[1]
+        self.next_row = first_row + n
+        candidates = np.concatenate([self.values, values.astype(np.float32, copy=False)], axis=1)
+        block_rows = np.broadcast_to(np.arange(first_row, first_row + n, dtype=np.int64), values.shape)
+        rows = np.concatenate([self.rows, block_rows], axis=1)
+        key = -candidates if self.descending else candidates
+        order = np.argsort(key, axis=1, kind="stable")[:, : self.k]
+        self.values = np.take_along_axis(candidates, order, axis=1)
+        self.rows = np.take_along_axis(rows, order, axis=1)
+
+
+def top_k_reference(matrix: np.ndarray, k: int, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Reference top-k of a full ``[Q, N]`` matrix: stable argsort (ties by column order) → (rows, values)."""
+    key = -matrix if descending else matrix
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(matrix, order, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(eq=False)
+class Scores:
+    """Scores of a query set against a store.
+
+    ``table``: the long top-k table (``query_id, direction, rank, train_id, train_row, score``), ranks
+    1-based per (query, direction). ``matrix``: ``[Q, N]`` float32 (``np.ndarray`` or a read-only memmap of
+    ``scores.npy``), or None unless the full matrix was asked for. ``self_influence``: table
+    (``train_row, train_id, self_influence``) or None. ``summary``: what was run and how long it took.
+    """
+
+    table: pd.DataFrame
+    summary: dict
+    query_ids: list[str]
+    matrix: np.ndarray | None = None
+    self_influence: pd.DataFrame | None = None
+
+    def top_k(self, query_id: str | None = None, direction: str = "positive") -> pd.DataFrame:
+        """Top-k rows of one query (or all queries when ``query_id`` is None) in one direction, by rank."""
+        if direction not in DIRECTIONS:
+            raise InputError(f"direction: expected one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        table = self.table[self.table["direction"] == direction]
+        if query_id is not None:
+            if str(query_id) not in set(self.query_ids):
+                raise InputError(f"query_id: {query_id!r} is not one of the {len(self.query_ids)} scored queries")
+            table = table[table["query_id"] == str(query_id)]
+        return table.reset_index(drop=True)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The long top-k table: ``query_id, direction, rank, train_id, train_row, score``."""
+        return self.table.copy()
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``topk.parquet``, ``topk.jsonl``, ``queries.parquet``, ``summary.json``, and ``scores.npy``
+        (when a matrix is held) / ``self_influence.parquet`` (when computed) into ``out_dir``; atomic per file."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"topk": "topk.parquet", "topk_jsonl": "topk.jsonl", "queries": "queries.parquet"}
+        _atomic(out / "topk.parquet", lambda p: self.table.to_parquet(p, index=False))
+        _atomic(out / "topk.jsonl", lambda p: self.table.to_json(p, orient="records", lines=True, force_ascii=False))
+        queries = pd.DataFrame({"query_row": np.arange(len(self.query_ids)), "query_id": self.query_ids})
+        _atomic(out / "queries.parquet", lambda p: queries.to_parquet(p, index=False))
+        if self.matrix is not None:
+            target = out / "scores.npy"
+            if getattr(self.matrix, "filename", None) is None or Path(self.matrix.filename).resolve() != target.resolve():
+                _atomic(target, lambda p: _save_npy(p, self.matrix))
+            files["matrix"] = "scores.npy"
+        if self.self_influence is not None:
+            _atomic(out / "self_influence.parquet", lambda p: self.self_influence.to_parquet(p, index=False))
+            files["self_influence"] = "self_influence.parquet"
+        summary = {**self.summary, "files": files}
+        _atomic(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+        self.summary = summary
+        return out
+
+
+def _save_npy(path: str, matrix: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, np.asarray(matrix, dtype=np.float32))
+
+
+def _atomic(path: Path, write) -> None:
+    """Write via ``write(tmp_path)`` then ``os.replace`` onto ``path``."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_scores(out_dir: str | os.PathLike) -> Scores:
+    """Read a directory written by :meth:`Scores.save`; InputError if it is missing or of another format."""
+    out = Path(out_dir)
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise InputError(f"{out}: not a scores directory (no summary.json); run `dataworth score --out {out}` first")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{summary_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(summary, dict) or summary.get("format") != SCORES_FORMAT:
+        raise InputError(f"{summary_path}: field 'format' is not {SCORES_FORMAT!r}; not a dataworth scores directory")
+    if summary.get("version") != SCORES_VERSION:
+        raise InputError(
+            f"{summary_path}: field 'version' is {summary.get('version')!r}, this dataworth reads version "
+            f"{SCORES_VERSION}; re-run `dataworth score`"
+        )
+    for name in ("topk.parquet", "queries.parquet"):
+        if not (out / name).is_file():
+            raise InputError(f"{out / name}: missing; the scores directory is incomplete, re-run `dataworth score`")
+    table = pd.read_parquet(out / "topk.parquet")
+    query_ids = [str(q) for q in pd.read_parquet(out / "queries.parquet")["query_id"]]
+    matrix = np.load(out / "scores.npy", mmap_mode="r") if (out / "scores.npy").is_file() else None
+    self_inf = pd.read_parquet(out / "self_influence.parquet") if (out / "self_influence.parquet").is_file() else None
+    return Scores(table=table, summary=summary, query_ids=query_ids, matrix=matrix, self_influence=self_inf)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming over a store
+
+
+def check_mode(mode: str, flag: str = "--mode") -> str:
+    if mode not in SCORE_MODES:
+        raise InputError(f"{flag}: unknown mode {mode!r}; choose one of {', '.join(SCORE_MODES)}")
+    return mode
+
+
+def self_influence(store, curvature: Curvature, block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
+    """``s(n, n)`` for every store row ``[N]`` float64, streaming the store in blocks."""
+    parts = [self_influence_block(curvature, block) for _start, block in store.iter_blocks(block_rows)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def score_rows(
+    store,
+    query_rows: np.ndarray,
+    query_ids: Sequence[str],
+    curvature: Curvature,
+    mode: str = "dot",
+    top_k: int = 10,
+    full: bool = False,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    *,
+    with_self_influence: bool = False,
+    out_dir: str | os.PathLike | None = None,
+) -> Scores:
+    """Score ``query_rows`` ``[Q, D]`` against every row of ``store``; see the module docstring for the maths.
+
+    The queries are preconditioned once (``p_q = (F + λI)⁻¹ ĝ_q``, float64 inside, float32 after); then
+    the store is streamed in blocks of ``block_rows`` rows: memory is ``O(Q · (block_rows + top_k) + D ·
+    block_rows)`` whatever the store size. ``full`` keeps the ``[Q, N]`` float32 matrix — written block by
+    block to ``out_dir/scores.npy`` (a memmap) when ``out_dir`` is given, in memory otherwise.
+    ``top_k`` larger than the store is clamped to the store size (``summary["clamped"]`` and a note say so).
+    """
+    started = time.perf_counter()
+    check_mode(mode)
+    query_rows = np.asarray(query_rows)
+    query_ids = [str(q) for q in query_ids]
+    if query_rows.ndim != 2 or query_rows.shape[1] != store.dim:
+        raise InputError(f"queries: rows have shape {tuple(query_rows.shape)}, the store's rows have {store.dim} columns")
+    if len(query_ids) != query_rows.shape[0]:
+        raise InputError(f"queries: {len(query_ids)} ids for {query_rows.shape[0]} rows")
+    if query_rows.shape[0] == 0:
+        raise InputError("queries: no query rows to score")
+    duplicated = pd.Index(query_ids)[pd.Index(query_ids).duplicated()]
+    if len(duplicated):
+        raise InputError(f"queries: duplicate query id {duplicated[0]!r}; query ids must be unique")
+    if not np.isfinite(query_rows).all():
+        bad = [query_ids[i] for i in np.flatnonzero(~np.isfinite(query_rows).all(axis=1))]
+        raise InputError(f"queries: non-finite gradient in query {', '.join(bad[:5])}")
+    if int(top_k) < 1:
+        raise InputError(f"--top-k: must be >= 1, got {top_k}")
+    if block_rows < 1:
+        raise InputError(f"block_rows must be >= 1, got {block_rows}")
+    if curvature.dim != store.dim:
+        raise InputError(f"curvature has {curvature.dim} columns but the store has {store.dim}; re-run dataworth fit")
+
+    n_rows = store.rows
+    n_queries = query_rows.shape[0]
+    k = min(int(top_k), n_rows)
+    notes = []
+    if k < int(top_k):
+        notes.append(f"--top-k {top_k} is larger than the store ({n_rows} rows): clamped to {k}")
+
+    preconditioned64 = curvature.precondition64(query_rows)
+    preconditioned = preconditioned64.astype(np.float32)
+    query_norms = np.linalg.norm(preconditioned64, axis=1)
+    precondition_s = time.perf_counter() - started
+
+    matrix, matrix_tmp, matrix_path = None, None, None
+    if full:
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            matrix_path = Path(out_dir) / "scores.npy"
+            matrix_tmp = matrix_path.with_name(f"scores.npy.tmp-{os.getpid()}")
+            matrix = np.lib.format.open_memmap(matrix_tmp, mode="w+", dtype=np.float32, shape=(n_queries, n_rows))
+        else:
+            matrix = np.empty((n_queries, n_rows), dtype=np.float32)
+
+    positive = StreamingTopK(n_queries, k, descending=True)
+    negative = StreamingTopK(n_queries, k, descending=False)
+    need_self = mode == "relative" or with_self_influence
+    self_parts: list[np.ndarray] = []
+    seen = 0
+    try:
+        for start, block in store.iter_blocks(block_rows):
+            self_inf = self_influence_block(curvature, block) if need_self else None
+            if with_self_influence:
+                self_parts.append(self_inf)
+            values = score_block(mode, preconditioned, block, query_norms, self_inf)
+            positive.update(values, start)
+            negative.update(values, start)
+            if matrix is not None:
+                matrix[:, start : start + values.shape[1]] = values
+            seen += values.shape[1]
+        if seen != n_rows:
+            raise InputError(f"{store.path}: manifest says {n_rows} rows but the shards hold {seen}")
+        if matrix_tmp is not None:
+            matrix.flush()
+            del matrix
+            os.replace(matrix_tmp, matrix_path)
+            matrix = np.load(matrix_path, mmap_mode="r")
+    finally:
+        if matrix_tmp is not None and matrix_tmp.exists():
+            matrix_tmp.unlink()
+    scoring_s = time.perf_counter() - started - precondition_s
+
+    train_ids = [str(i) for i in store.ids]
+    table = topk_table(query_ids, train_ids, positive, negative)
+    self_table = None
+    if with_self_influence:
+        values = np.concatenate(self_parts) if self_parts else np.zeros(0)
+        self_table = pd.DataFrame({"train_row": np.arange(n_rows), "train_id": train_ids, "self_influence": values})
+    total_s = time.perf_counter() - started
+    summary = {
+        "format": SCORES_FORMAT,
+        "version": SCORES_VERSION,
+        "store": str(Path(store.path).resolve()),
+        "curvature": curvature.kind,
+        "damping": curvature.damping_spec.to_json(),
+        "damping_values": curvature.damping,
+        "mode": mode,
+        "sign": "positive = up-weighting the training row lowers the query loss (helps); approximates -dL_q/d eps_n",
+        "n_queries": n_queries,
+        "n_rows": n_rows,
+        "dim": store.dim,
+        "top_k": k,
+        "top_k_requested": int(top_k),
+        "clamped": k < int(top_k),
+        "full": bool(full),
+        "self_influence": bool(with_self_influence),
+        "block_rows": int(block_rows),
+        "notes": notes,
+        "timings": {
+            "precondition_s": round(precondition_s, 6),
+            "scoring_s": round(scoring_s, 6),
+            "total_s": round(total_s, 6),
+            "rows_per_s": round(n_rows / scoring_s, 1) if scoring_s > 0 else None,
+        },
+    }
+    return Scores(table=table, summary=summary, query_ids=query_ids, matrix=matrix, self_influence=self_table)
+
+
+def topk_table(query_ids: Sequence[str], train_ids: Sequence[str], positive: StreamingTopK,
+               negative: StreamingTopK) -> pd.DataFrame:
+    """Long table ``query_id, direction, rank, train_id, train_row, score`` from the two top-k states."""
+    frames = []
+    train_ids = np.asarray(train_ids, dtype=object)
+    for direction, state in (("positive", positive), ("negative", negative)):
+        q, k = state.rows.shape
+        frames.append(pd.DataFrame({
+            "query_id": np.repeat(np.asarray(query_ids, dtype=object), k),
+            "direction": direction,
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), q),
+            "train_id": train_ids[state.rows.reshape(-1)] if k else np.zeros(0, dtype=object),
+            "train_row": state.rows.reshape(-1),
+            "score": state.values.reshape(-1).astype(np.float64),
+        }))
+    table = pd.concat(frames, ignore_index=True)
+    order = {q: i for i, q in enumerate(query_ids)}
+    table["_q"] = table["query_id"].map(order)
+    table["_d"] = (table["direction"] == "negative").astype(int)
+    table = table.sort_values(["_q", "_d", "rank"], kind="stable").drop(columns=["_q", "_d"])
+    return table[TOPK_COLUMNS].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The `dw.score` entry point: queries in, scores out
+
+
+def row_model_fingerprint(row) -> str | None:
+    """The model fingerprint a query row says it was generated with, if any.
+
+    ``generate`` may record ``"model": {"fingerprint": ...}`` (or ``"model_fingerprint": ...``) on each row;
+    a plain-string ``model`` field is a model name or path, not a fingerprint, and is not checked.
+    """
+    model = row.data.get("model")
+    if isinstance(model, dict) and model.get("fingerprint"):
+        return str(model["fingerprint"])
+    if row.data.get("model_fingerprint"):
+        return str(row.data["model_fingerprint"])
+    return None
+
+
+def check_query_fingerprints(rows, fingerprint: str, store_path) -> None:
+    """InputError naming both fingerprints if a query row was generated by a different model."""
+    for row in rows:
+        recorded = row_model_fingerprint(row)
+        if recorded is not None and recorded != fingerprint:
+            raise InputError(
+                f"{row.source} field 'model': query generated by model {recorded[:16]}… but the store "
+                f"{store_path} was extracted with model {fingerprint[:16]}…"
+            )
+
+
+def score(
+    store_path,
+    queries,
+    model=None,
+    *,
+    mode: str = "dot",
+    curvature: str = "raw",
+    top_k: int = 10,
+    full: bool = False,
+    self_influence: bool = False,
+    out: str | os.PathLike | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    device: str = "auto",
+) -> Scores:
+    """``dw.score``: influence of every row of the store at ``store_path`` on each query.
+
+    ``queries``: a data spec for ``dataworth.data.load_rows`` (JSONL from ``generate`` with prompt/response —
+    the measurement is the summed loss of the response given the prompt — or text, messages, any dataset
+    spec), or a list of ``Row``. ``model``: a model spec (default: the store's recorded
+    ``manifest["config"]["model"]``) or a ``LoadedModel``; its fingerprint must equal the store's
+    ``manifest["model"]["fingerprint"]``. ``curvature`` must have been fitted (``dataworth fit``) unless
+    ``none``. With ``out``: the results are saved there (see :meth:`Scores.save`), the full matrix written
+    block by block. Sign and modes: see the module docstring.
+    """
+    from dataworth.store import open_store
+
+    check_mode(mode)
+    started = time.perf_counter()
+    store = open_store(store_path)
+    fitted = load_curvature(store, curvature)
+    rows = _load_query_rows(queries)
+    loaded = _load_store_model(store, model, device)
+    expected = store.manifest.get("model", {}).get("fingerprint")
+    if expected and loaded.fingerprint != expected:
+        raise InputError(
+            f"--model {loaded.spec}: fingerprint {loaded.fingerprint[:16]}… differs from the store's model "
+            f"fingerprint {expected[:16]}… ({store.path}/manifest.json); score with the model the store was "
+            "extracted with"
+        )
+    check_query_fingerprints(rows, loaded.fingerprint, store.path)
+    from dataworth.extract import query_gradients
+
+    query_started = time.perf_counter()
+    query_rows = query_gradients(store, loaded.model, loaded.tokenizer, rows)
+    query_s = time.perf_counter() - query_started
+    result = score_rows(store, query_rows, [r.id for r in rows], fitted, mode, top_k, full, block_rows,
+                        with_self_influence=self_influence, out_dir=out)
+    result.summary["queries"] = str(queries) if not isinstance(queries, (list, tuple)) else f"{len(rows)} rows"
+    result.summary["model"] = {"spec": loaded.spec, "fingerprint": loaded.fingerprint}
+    result.summary["timings"]["query_gradients_s"] = round(query_s, 6)
+    result.summary["timings"]["total_s"] = round(time.perf_counter() - started, 6)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _load_query_rows(queries) -> list:
+    if isinstance(queries, (list, tuple)):
+        rows = list(queries)
+        where_ = "queries"
+    else:
+        from dataworth.data import load_rows
+
+        rows = load_rows(str(queries))
+        where_ = str(queries)
+    if not rows:
+        raise InputError(f"{where_}: no query rows (the file or dataset is empty)")
+    return rows
+
+
+def _load_store_model(store, model, device: str):
+    """A ``LoadedModel`` for ``model`` (spec, LoadedModel) or, by default, the store's recorded model."""
+    if model is not None and hasattr(model, "fingerprint") and hasattr(model, "model"):
+        return model
+    spec = model
+    if spec is None:
+        spec = store.manifest.get("config", {}).get("model") or store.manifest.get("model", {}).get("path")
+        if not spec:
+            raise InputError(f"{store.path}/manifest.json: no recorded model path; pass --model")
+    from dataworth.models import load_model
+
+    return load_model(str(spec), device=device)
