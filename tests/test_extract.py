@@ -136,3 +136,158 @@ def test_unknown_module_spec_lists_available_names():
 
     with pytest.raises(InputError, match="available: .*q_proj"):
         select_modules(build_llama(60), "no_such_layer")
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama saved as a normal HF directory, plus a JSONL dataset of prompt/response rows."""
+    root = tmp_path_factory.mktemp("extract")
+    model = build_llama(len(tiny_tokenizer), seed=5)
+    model.save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    lines = [
+        '{"id": "a%d", "prompt": "Alice Smith was born in", "response": " Paris number %d."}' % (i, i)
+        if i % 2 else '{"id": "b%d", "text": "Bob Jones studied physics at Oxford %s"}' % (i, "and more " * (i % 5))
+        for i in range(23)
+    ]
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _config(root, out, **kw):
+    base = dict(model=str(root / "model"), data=str(root / "data.jsonl"), out=str(out), modules="mlp",
+                projection="random", rank_in=4, rank_out=3, seed=1, dtype="float32", batch_size=4, shard_rows=5,
+                device="cpu")
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def test_store_rows_equal_in_memory_rows_and_kfac_factors_match_formula(model_dir, tmp_path):
+    from dataworth.data import encode_rows, load_rows
+    from dataworth.models import load_model
+
+    store = extract(_config(model_dir, tmp_path / "s"), progress=False)
+    loaded = load_model(str(model_dir / "model"), device="cpu")
+    encoded, _ = encode_rows(load_rows(str(model_dir / "data.jsonl")), loaded.tokenizer, max_length=512)
+    chosen, projs, want, losses = rows_for(loaded.model, encoded, "random", modules="mlp", batch_size=3, rank=4, seed=1)
+    # rank_out differs from rank_in in the config: rebuild with the store's own projections
+    from dataworth.extract import store_extractor
+
+    with store_extractor(store, loaded.model) as ex:
+        want, losses, _ = encoded_rows_for(ex, encoded, pad_id=0, batch_size=3, token_budget=None)
+    np.testing.assert_allclose(store.matrix(), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(store.loss, losses, rtol=1e-6)
+    assert store.ids == [e.id for e in encoded]
+    assert len(store.manifest["shards"]) == 5  # 23 rows / 5 per shard
+    # KFAC factors: A = (1/T) Σ_t a aᵀ over real tokens, S = (1/N) Σ_n Σ_t s sᵀ — recompute by hand
+    factors = store.load_tensors("curvature/kfac_factors.safetensors")
+    name = store.modules[0].name
+    module = dict(loaded.model.named_modules())[name]
+    p = ex.projections[name]
+    acts, outs = [], []
+
+    def keep(m, inputs, output):
+        acts.append(inputs[0].detach())
+        output.register_hook(outs.append)
+
+    h1 = module.register_forward_hook(keep)
+    try:
+        for e in encoded:
+            batch = collate([e], [0], pad_id=0)
+            out = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            example_losses(out.logits, batch).sum().backward()
+    finally:
+        h1.remove()
+    a = torch.cat([x[0] @ p.p_in.T for x in acts]).double()
+    s = torch.cat([d[0] @ p.p_out.T for d in outs]).double()
+    torch.testing.assert_close(factors[f"{name}.A"], a.T @ a / a.shape[0], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(factors[f"{name}.S"], s.T @ s / len(encoded), rtol=1e-5, atol=1e-9)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import dataworth.store as st
+from dataworth.extract import ExtractConfig, extract
+calls = {"n": 0}
+real = st._write_parquet
+def killing(path, table):
+    calls["n"] += 1
+    if calls["n"] == int(sys.argv[2]):  # shard .npy of this shard is on disk, its meta and manifest are not
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, table)
+st._write_parquet = killing
+cfg = ExtractConfig(**__import__("json").loads(sys.argv[1]))
+extract(cfg, progress=False)
+"""
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(model_dir, tmp_path):
+    import json
+
+    def run(out, kill_at):
+        cfg = _config(model_dir, out, dtype="bfloat16").__dict__
+        return subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg), str(kill_at)],
+                              capture_output=True, text=True, timeout=300)
+
+    killed = run(tmp_path / "killed", kill_at=3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / "killed" / "shards" / "00002.npy").exists()  # half-written shard left behind
+    assert run(tmp_path / "killed", kill_at=10**6).returncode == 0  # resume with the same command
+    assert run(tmp_path / "clean", kill_at=10**6).returncode == 0
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a, b = files(tmp_path / "killed"), files(tmp_path / "clean")
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+
+
+def test_pca_projection_is_orthonormal_top_eigenvectors_of_stored_covariances(model_dir, tmp_path):
+    from dataworth.extract import store_extractor
+    from dataworth.models import load_model
+
+    store = extract(_config(model_dir, tmp_path / "pca", projection="pca", rank_in=3, rank_out=2), progress=False)
+    full = store.load_tensors("covariance/full.safetensors")
+    model = load_model(str(model_dir / "model"), device="cpu").model
+    with store_extractor(store, model) as ex:
+        projections = ex.projections
+    for name, p in projections.items():
+        for mat, cov in ((p.p_in, full[f"{name}.A"]), (p.p_out, full[f"{name}.S"])):
+            mat = mat.double()
+            k = mat.shape[0]
+            torch.testing.assert_close(mat @ mat.T, torch.eye(k, dtype=torch.float64), atol=1e-5, rtol=0)
+            top = torch.linalg.eigvalsh(cov).flip(0)[:k]
+            # rows are eigenvectors with the top-k eigenvalues: cov Pᵀ = Pᵀ diag(top)
+            torch.testing.assert_close(cov @ mat.T, mat.T * top, atol=1e-5 * float(top[0]), rtol=1e-4)
+    # and the stored rows equal the in-memory rows under that projection
+    assert store.manifest["projection"]["kind"] == "pca"
+
+
+def test_store_for_another_configuration_is_refused(model_dir, tmp_path):
+    from dataworth.errors import InputError
+
+    extract(_config(model_dir, tmp_path / "s"), progress=False)
+    with pytest.raises(InputError, match="overwrite"):
+        extract(_config(model_dir, tmp_path / "s", rank_in=5), progress=False)
+    store = extract(_config(model_dir, tmp_path / "s", rank_in=5), progress=False, overwrite=True)
+    assert store.modules[0].k_in == 5
+
+
+def test_cli_extract_writes_a_store_and_reports_bad_input(model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from dataworth.cli import cli
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    res = runner.invoke(cli, ["extract", "--model", str(model_dir / "model"), "--data", str(model_dir / "data.jsonl"),
+                              "--out", str(out), "--rank", "2", "--modules", "mlp", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (out / "manifest.json").exists() and (out / "ids.parquet").exists()
+    res = runner.invoke(cli, ["extract", "--model", str(model_dir / "model"), "--data", str(model_dir / "data.jsonl"),
+                              "--out", str(tmp_path / "x"), "--modules", "nothing_matches"])
+    assert res.exit_code == 2 and "available" in res.output
+    assert "Example" in runner.invoke(cli, ["extract", "--help"]).output

@@ -1,0 +1,45 @@
+"""`dataworth extract`: build (or resume) a gradient store."""
+
+from __future__ import annotations
+
+import click
+
+from dataworth.extract import ExtractConfig, extract
+
+
+@click.command("extract")
+@click.option("--model", "model", required=True, help="Model directory, .gguf file, hf:ID or smollm2.")
+@click.option("--data", "data", required=True, help="JSONL/JSON/parquet file, directory, hf:NAME[:SPLIT] or builtin:NAME.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Store directory.")
+@click.option("--modules", default="all", show_default=True, help="all, mlp, attn, or a regex on module names.")
+@click.option("--projection", type=click.Choice(["random", "pca", "identity", "dense"]), default="random", show_default=True)
+@click.option("--rank", type=int, default=None, help="k_in = k_out = K (LoGra rank).")
+@click.option("--rank-in", type=int, default=64, show_default=True)
+@click.option("--rank-out", type=int, default=64, show_default=True)
+@click.option("--dense-dim", type=int, default=8192, show_default=True, help="Output size of --projection dense.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
+              help="Storage dtype of the rows (computation is float32).")
+@click.option("--batch-size", type=int, default=None, help="Rows per batch (default 8).")
+@click.option("--token-budget", type=int, default=None, help="Padded tokens per batch; length-sorted batching.")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate rows to this many tokens.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--shard-rows", type=int, default=1024, show_default=True, help="Rows per shard (the unit of resumption).")
+@click.option("--skip-nonfinite", is_flag=True, help="Record rows with NaN/inf gradients (stored as zeros) instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made with another model or configuration.")
+def extract_command(model, data, out, modules, projection, rank, rank_in, rank_out, dense_dim, seed, dtype, batch_size,
+                    token_budget, max_length, device, shard_rows, skip_nonfinite, overwrite):
+    """Per-example LoGra-projected gradients of MODEL on DATA, written to a resumable store.
+
+    \b
+    Example:
+      dataworth extract --model demo_out/model --data builtin:bios --out demo_out/store --rank 16 --modules mlp
+    """
+    if rank is not None:
+        rank_in = rank_out = rank
+    cfg = ExtractConfig(model=model, data=data, out=out, modules=modules, projection=projection, rank_in=rank_in,
+                        rank_out=rank_out, dense_dim=dense_dim, seed=seed, dtype=dtype, batch_size=batch_size,
+                        token_budget=token_budget, max_length=max_length, device=device, shard_rows=shard_rows,
+                        skip_nonfinite=skip_nonfinite)
+    store = extract(cfg, overwrite=overwrite)
+    click.echo(f"store: {out} ({store.rows} rows × {store.dim} dims, {store.dtype})")
