@@ -291,3 +291,19 @@ def test_cli_extract_writes_a_store_and_reports_bad_input(model_dir, tmp_path):
                               "--out", str(tmp_path / "x"), "--modules", "nothing_matches"])
     assert res.exit_code == 2 and "available" in res.output
     assert "Example" in runner.invoke(cli, ["extract", "--help"]).output
+
+
+def test_per_token_contributions_sum_to_the_row_score(model_dir, tmp_path):
+    from dataworth.data import encode_rows, load_rows
+    from dataworth.extract import token_contributions
+    from dataworth.models import load_model
+
+    store = extract(_config(model_dir, tmp_path / "tok", dtype="float32"), progress=False)
+    loaded = load_model(str(model_dir / "model"), device="cpu")
+    encoded, _ = encode_rows(load_rows(str(model_dir / "data.jsonl")), loaded.tokenizer, max_length=512)
+    queries = np.random.default_rng(0).standard_normal((3, store.dim)).astype(np.float32)
+    contrib = token_contributions(store, loaded.model, loaded.tokenizer, encoded[:4], queries)
+    rows = store.matrix()[:4]
+    for n, c in enumerate(contrib):
+        assert c.shape == (3, len(encoded[n].input_ids))
+        np.testing.assert_allclose(c.sum(axis=1), queries @ rows[n], rtol=1e-4, atol=1e-6)

@@ -424,6 +424,34 @@ def store_extractor(store, model: nn.Module, device: torch.device | str = "cpu")
                      dense_dim=proj.get("dense_dim") or cfg.get("dense_dim", 8192), seed=proj["seed"])
 
 
+def token_contributions(store, model: nn.Module, tokenizer, encoded: Sequence[Encoded],
+                        preconditioned: np.ndarray) -> list[np.ndarray]:
+    """Exact per-token split of influence: for each training row n, ``[Q, T_n]`` contributions.
+
+    ``s(q, n) = Σ_t Σ_m ⟨Q_{q,m}, s_{t,m} a_{t,m}ᵀ⟩`` with ``Q_{q,m}`` the preconditioned query
+    ``(F+λI)⁻¹ĝ_q`` of module m reshaped to ``k_out × k_in`` (DESIGN.md, per-token attribution); token t's
+    share is the inner sum. Summing a row's contributions gives its score. Recomputed only for the rows
+    asked (e.g. the top-k shown in a report). Not available for the ``dense`` projection.
+    """
+    if store.manifest["projection"]["kind"] == "dense":
+        raise InputError(f"store {store.path}: per-token attribution needs a LoGra store, not --projection dense")
+    q = torch.as_tensor(np.asarray(preconditioned, dtype=np.float32))
+    device = next(model.parameters()).device
+    out = []
+    with store_extractor(store, model, device) as ex:
+        ex.hooks.keep_tokens = True
+        for e in encoded:
+            ex.run(collate([e], [0], _pad_id(tokenizer)))
+            contrib = torch.zeros(q.shape[0], len(e.input_ids))
+            for spec in store.modules:
+                cap = ex.hooks.captures[spec.name]
+                qm = q[:, spec.offset:spec.offset + spec.size].reshape(-1, spec.k_out, spec.k_in).to(device)
+                contrib += torch.einsum("to,qoi,ti->qt", cap.token_grads[0], qm, cap.token_acts[0]).cpu()
+                cap.token_acts = cap.token_grads = None
+            out.append(contrib.numpy())
+    return out
+
+
 def query_gradients(store, model: nn.Module, tokenizer, rows, *, max_length: int | None = None,
                     batch_size: int | None = 8, chat: str = "auto") -> np.ndarray:
     """Projected gradient rows ``[Q, D]`` (float32) of query rows, in the store's layout, not written anywhere.

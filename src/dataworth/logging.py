@@ -90,7 +90,8 @@ class ModuleCapture:
     grads: torch.Tensor | None = None  # [B, k_out, k_in]
     cov_in: torch.Tensor | None = None  # Σ_t a aᵀ over real tokens (float64), when collecting
     cov_out: torch.Tensor | None = None  # Σ_b Σ_t s sᵀ (float64), when collecting
-    full_in: bool = False  # collect covariances of the *unprojected* x / δ (PCA first pass)
+    token_acts: torch.Tensor | None = None  # [B, T, k_in], kept only when per-token attribution asks
+    token_grads: torch.Tensor | None = None  # [B, T, k_out]
 
 
 def project(x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
@@ -111,6 +112,7 @@ class GradientHooks:
     projections: dict[str, ModuleProjection]
     collect_covariance: bool = False
     covariance_only: bool = False
+    keep_tokens: bool = False
     captures: dict[str, ModuleCapture] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
     _mask: torch.Tensor | None = None
@@ -153,6 +155,8 @@ class GradientHooks:
                     flat_s = s.reshape(-1, s.shape[-1]).double()
                     add_s = flat_s.T @ flat_s
                     cap.cov_out = add_s if cap.cov_out is None else cap.cov_out + add_s
+                if self.keep_tokens:
+                    cap.token_acts, cap.token_grads = cap.acts, s
                 if not self.covariance_only:
                     act = cap.acts
                     if s.dim() == 2:  # unbatched use: [T, k]
