@@ -220,6 +220,15 @@ def test_in_out_layout_modules_give_the_transposed_preconditioning(tmp_path, tin
         np.testing.assert_allclose(flipped.precondition64(transposed(q)), transposed(plain), rtol=1e-7, atol=1e-9)
         np.testing.assert_allclose(C.precondition_reference(flipped, transposed(q)), transposed(plain),
                                    rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(flipped.self_inner(transposed(q)), np.einsum("bd,bd->b", q, plain), rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", C.CURVATURE_KINDS)
+def test_self_inner_product_equals_g_dot_explicitly_preconditioned_g(tiny_store, kind):
+    q = queries_for(tiny_store.dim, n=5).astype(np.float64)
+    fitted = C.fit(tiny_store.path, kind, 0.03)
+    expected = np.einsum("bd,bd->b", q, C.precondition_reference(fitted, q))
+    np.testing.assert_allclose(fitted.self_inner(q), expected, rtol=1e-10)
 
 
 def test_none_is_the_identity_and_needs_no_fit(tiny_store):

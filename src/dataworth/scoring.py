@@ -78,17 +78,18 @@ def score_block(mode: str, preconditioned: np.ndarray, block: np.ndarray, query_
 
 def self_influence_block(curvature: Curvature, block: np.ndarray) -> np.ndarray:
     """``s(n, n) = ĝ_nᵀ (F + λI)⁻¹ ĝ_n`` for a block ``[B, D]`` → ``[B]`` float64 (≥ 0, as ``F + λI`` is PD)."""
-    rows = np.asarray(block, dtype=np.float64)
-    return np.einsum("bd,bd->b", curvature.precondition64(rows), rows)
+    return curvature.self_inner(block)
 
 
 @dataclass
 class StreamingTopK:
     """The ``k`` largest (``descending``) or smallest values per query seen so far, with their row indices.
 
-    ``update(values [Q, B], first_row)`` merges a block whose columns are rows ``first_row … first_row+B-1``.
-    Blocks must arrive in row order: the kept candidates then all precede the block's rows, so a *stable*
-    sort of ``[kept | block]`` orders ties by row index — exact top-k with ties broken by row order.
+    ``update(values [Q, B], first_row)`` merges a block whose columns are rows ``first_row … first_row+B-1``:
+    the block's own best ``k`` (ties to the lower row) are selected by partition, then merged with the kept
+    ``k``. Blocks must arrive in row order: the kept candidates then all precede the block's rows, so a
+    *stable* sort of ``[kept | block best]`` orders ties by row index — exact top-k, ties broken by row order.
+    Values must not be NaN (``score_rows`` checks).
     """
 
     n_queries: int
@@ -107,13 +108,30 @@ class StreamingTopK:
             raise ValueError(f"blocks out of order: expected row {self.next_row}, got {first_row}")
         n = values.shape[1]
         self.next_row = first_row + n
-        candidates = np.concatenate([self.values, values.astype(np.float32, copy=False)], axis=1)
-        block_rows = np.broadcast_to(np.arange(first_row, first_row + n, dtype=np.int64), values.shape)
-        rows = np.concatenate([self.rows, block_rows], axis=1)
-        key = -candidates if self.descending else candidates
-        order = np.argsort(key, axis=1, kind="stable")[:, : self.k]
+        values = values.astype(np.float32, copy=False)
+        key = -values if self.descending else values
+        cols = best_columns(key, self.k)
+        candidates = np.concatenate([self.values, np.take_along_axis(values, cols, axis=1)], axis=1)
+        rows = np.concatenate([self.rows, cols + first_row], axis=1)
+        merge_key = -candidates if self.descending else candidates
+        order = np.argsort(merge_key, axis=1, kind="stable")[:, : self.k]
         self.values = np.take_along_axis(candidates, order, axis=1)
         self.rows = np.take_along_axis(rows, order, axis=1)
+
+
+def best_columns(key: np.ndarray, k: int) -> np.ndarray:
+    """Column indices ``[Q, min(k, B)]``, ascending, of the ``k`` smallest ``key`` values per row of ``[Q, B]``,
+    ties at the boundary going to the lower column — exact, in ``O(B)`` per row (``np.partition``) instead of
+    a full sort. ``key`` must hold no NaN."""
+    n_queries, n_cols = key.shape
+    if k >= n_cols:
+        return np.broadcast_to(np.arange(n_cols, dtype=np.int64), key.shape)
+    kth = np.partition(key, k - 1, axis=1)[:, k - 1 : k]
+    better = key < kth
+    tied = key == kth
+    room = k - better.sum(axis=1, keepdims=True)
+    chosen = better | (tied & (np.cumsum(tied, axis=1) <= room))
+    return np.nonzero(chosen)[1].reshape(n_queries, k).astype(np.int64)
 
 
 def top_k_reference(matrix: np.ndarray, k: int, descending: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -318,6 +336,10 @@ def score_rows(
             if with_self_influence:
                 self_parts.append(self_inf)
             values = score_block(mode, preconditioned, block, query_norms, self_inf)
+            if np.isnan(values).any():
+                bad = start + int(np.flatnonzero(np.isnan(values).any(axis=0))[0])
+                raise InputError(f"{store.path}: NaN score for store row {bad} (id {store.ids[bad]!r}); "
+                                 "the row or the curvature holds non-finite numbers")
             positive.update(values, start)
             negative.update(values, start)
             if matrix is not None:
