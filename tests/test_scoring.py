@@ -362,3 +362,46 @@ def test_score_cli_prints_top_rows_clamp_note_and_files(random_store, fake_model
                                    "--out", str(out), "--curvature", "kfac"])
     assert bad.exit_code == 2 and bad.output.startswith("error: ")
     assert "dataworth score --store" in CliRunner().invoke(cli, ["score", "--help"]).output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end with a real (tiny) model: extract → fit → score
+
+
+def test_score_end_to_end_equals_autograd_gradient_dot_products(tmp_path, tiny_tokenizer):
+    """A tiny Llama saved to disk, a store of exact gradients (identity projection) of one module, and a
+    prompt/response query: with curvature ``none``, ``s(q, n) = ⟨∇_W L_q, ∇_W L_n⟩`` where ``L_q`` is the
+    response's summed loss given the prompt — computed here with plain autograd, one example at a time."""
+    from conftest import CORPUS, build_llama
+
+    from dataworth.batching import collate, example_losses
+    from dataworth.data import encode_rows, load_rows
+    from dataworth.extract import ExtractConfig, extract
+
+    model = build_llama(len(tiny_tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    train = write_queries(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(CORPUS[:6])])
+    qfile = write_queries(tmp_path / "q.jsonl", [{"id": "alice", "prompt": "Alice Smith was born in",
+                                                   "response": " Paris"}])
+    module = "model.layers.1.mlp.down_proj"
+    extract(ExtractConfig(model=str(tmp_path / "model"), data=str(train), out=str(tmp_path / "store"),
+                          modules=module.replace(".", r"\."), projection="identity", dtype="float32",
+                          shard_rows=4, device="cpu"), progress=False)
+    result = S.score(tmp_path / "store", qfile, mode="dot", curvature="none", top_k=6, full=True, device="cpu")
+
+    weight = dict(model.named_modules())[module].weight
+
+    def grad_of(spec):
+        encoded, _ = encode_rows(load_rows(str(spec)), tiny_tokenizer)
+        grads = []
+        for enc in encoded:
+            batch = collate([enc], [0], tiny_tokenizer.pad_token_id)
+            loss = example_losses(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                  batch)[0]
+            grads.append(torch.autograd.grad(loss, weight)[0].reshape(-1).double().numpy())
+        return np.array(grads)
+
+    expected = grad_of(qfile) @ grad_of(train).T
+    np.testing.assert_allclose(result.matrix, expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
+    assert result.top_k("alice")["train_row"].tolist() == list(np.argsort(-expected[0], kind="stable"))

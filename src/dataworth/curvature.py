@@ -9,6 +9,7 @@ streaming pass over the store (never the model); preconditioning is a handful of
 Layout (the store contract, DESIGN.md "Store on disk"): a row is the concatenation over modules of
 ``Ĝ`` (``k_out × k_in``) flattened ROW-MAJOR, so the vector index of ``Ĝ[o, i]`` is ``o * k_in + i``.
 In that ordering ``vec(s aᵀ) = s ⊗ a`` and the KFAC approximation is ``F ≈ S ⊗ A`` (``S`` outer).
+Modules stored ``in_out`` (``Ĝᵀ``, HF Conv1D) are transposed back to ``Ĝ`` before the Kronecker algebra.
 
 Per module ``m`` (``N`` store rows ``ĝ_n``, ``D_m = k_out · k_in``):
 
@@ -44,7 +45,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -54,6 +55,8 @@ import torch
 from dataworth.errors import InputError
 
 CURVATURE_KINDS = ("none", "raw", "kfac", "ekfac")
+# EKFAC by default: it scales to any module size (raw needs D_m² floats per module) and is the better fit.
+DEFAULT_CURVATURE = "ekfac"
 KFAC_FACTORS = "curvature/kfac_factors.safetensors"
 CURVATURE_FORMAT_VERSION = 1
 AUTO_DAMPING_FRACTION = 0.1
@@ -165,7 +168,6 @@ class Curvature:
     n_rows: int
     fit_seconds: float = 0.0
     path: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def damping(self) -> dict[str, float]:
@@ -218,7 +220,6 @@ class Curvature:
             "modules": [{"name": m.name, "k_out": m.k_out, "k_in": m.k_in, "offset": m.offset, "layout": m.layout}
                         for m in self.modules],
             "fit_seconds": self.fit_seconds,
-            **self.extra,
         }
 
 
@@ -371,8 +372,8 @@ def load_kfac_factors(store) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{module: (S [k_out, k_out], A [k_in, k_in])}`` float64 from ``curvature/kfac_factors.safetensors``."""
     if not store.has(KFAC_FACTORS):
         raise InputError(
-            f"{store.path}: store lacks KFAC factors ({KFAC_FACTORS}); re-run `dataworth extract` with KFAC "
-            "factors enabled, or use --curvature raw or none"
+            f"{store.path}: store lacks KFAC factors ({KFAC_FACTORS}; extraction writes them for every projection "
+            "but dense); use --curvature raw or none"
         )
     tensors = store.load_tensors(KFAC_FACTORS)
     factors = {}
@@ -484,7 +485,8 @@ def save_curvature(store, curvature: Curvature) -> Path:
     return store.path / name
 
 
-def fit(store_path, curvature: str = "raw", damping="auto", block_rows: int = DEFAULT_BLOCK_ROWS) -> Curvature:
+def fit(store_path, curvature: str = DEFAULT_CURVATURE, damping="auto",
+        block_rows: int = DEFAULT_BLOCK_ROWS) -> Curvature:
     """``dw.fit``: fit ``curvature`` (none|raw|kfac|ekfac) for the store at ``store_path``, save it, return it.
 
     ``damping``: a float > 0 or ``"auto"`` (0.1 × mean eigenvalue per module). Fitting streams the store
@@ -494,11 +496,7 @@ def fit(store_path, curvature: str = "raw", damping="auto", block_rows: int = DE
 
     store = open_store(store_path)
     fitted = fit_curvature(store, curvature, damping, block_rows)
-    path = save_curvature(store, fitted)
-    return Curvature(
-        kind=fitted.kind, damping_spec=fitted.damping_spec, modules=fitted.modules, dim=fitted.dim,
-        n_rows=fitted.n_rows, fit_seconds=fitted.fit_seconds, path=path,
-    )
+    return replace(fitted, path=save_curvature(store, fitted))
 
 
 def load_curvature(store, kind: str) -> Curvature:
@@ -529,7 +527,9 @@ def load_curvature(store, kind: str) -> Curvature:
     try:
         info = json.loads(meta["dataworth"])
     except (KeyError, TypeError, json.JSONDecodeError):
-        raise InputError(f"{path}: not a dataworth curvature file (missing 'dataworth' metadata); re-run dataworth fit") from None
+        raise InputError(
+            f"{path}: not a dataworth curvature file (missing 'dataworth' metadata); re-run dataworth fit"
+        ) from None
     _check_fitted_matches_store(path, info, store, kind)
     modules = []
     for m in store.modules:
@@ -556,7 +556,9 @@ def load_curvature(store, kind: str) -> Curvature:
 def _check_fitted_matches_store(path: Path, info: dict, store, kind: str) -> None:
     refit = f"re-run `dataworth fit --store {store.path} --curvature {kind}`"
     if info.get("format") != "dataworth-curvature" or info.get("version") != CURVATURE_FORMAT_VERSION:
-        raise InputError(f"{path}: unknown curvature format/version {info.get('format')!r}/{info.get('version')!r}; {refit}")
+        raise InputError(
+            f"{path}: unknown curvature format/version {info.get('format')!r}/{info.get('version')!r}; {refit}"
+        )
     if info.get("kind") != kind:
         raise InputError(f"{path}: holds curvature {info.get('kind')!r}, expected {kind!r}; {refit}")
     if int(info.get("n_rows", -1)) != store.rows:
@@ -578,4 +580,6 @@ def _check_module_tensors(path: Path, kind: str, m: ModuleCurvature) -> None:
         value = getattr(m, attr)
         if value is None or value.shape != shape:
             got = None if value is None else tuple(value.shape)
-            raise InputError(f"{path}: module {m.name}: tensor {attr} has shape {got}, expected {shape}; re-run dataworth fit")
+            raise InputError(
+                f"{path}: module {m.name}: tensor {attr} has shape {got}, expected {shape}; re-run dataworth fit"
+            )

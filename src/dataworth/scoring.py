@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from dataworth.curvature import Curvature, load_curvature
+from dataworth.curvature import DEFAULT_CURVATURE, Curvature, load_curvature
 from dataworth.errors import InputError
 
 SCORE_MODES = ("dot", "cosine", "relative")
@@ -188,7 +188,8 @@ class Scores:
         _atomic(out / "queries.parquet", lambda p: queries.to_parquet(p, index=False))
         if self.matrix is not None:
             target = out / "scores.npy"
-            if getattr(self.matrix, "filename", None) is None or Path(self.matrix.filename).resolve() != target.resolve():
+            backing = getattr(self.matrix, "filename", None)  # a memmap already written there by score_rows
+            if backing is None or Path(backing).resolve() != target.resolve():
                 _atomic(target, lambda p: _save_npy(p, self.matrix))
             files["matrix"] = "scores.npy"
         if self.self_influence is not None:
@@ -285,7 +286,9 @@ def score_rows(
     query_rows = np.asarray(query_rows)
     query_ids = [str(q) for q in query_ids]
     if query_rows.ndim != 2 or query_rows.shape[1] != store.dim:
-        raise InputError(f"queries: rows have shape {tuple(query_rows.shape)}, the store's rows have {store.dim} columns")
+        raise InputError(
+            f"queries: rows have shape {tuple(query_rows.shape)}, the store's rows have {store.dim} columns"
+        )
     if len(query_ids) != query_rows.shape[0]:
         raise InputError(f"queries: {len(query_ids)} ids for {query_rows.shape[0]} rows")
     if query_rows.shape[0] == 0:
@@ -451,7 +454,7 @@ def score(
     model=None,
     *,
     mode: str = "dot",
-    curvature: str = "raw",
+    curvature: str = DEFAULT_CURVATURE,
     top_k: int = 10,
     full: bool = False,
     self_influence: bool = False,

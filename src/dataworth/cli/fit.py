@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from dataworth.curvature import CURVATURE_KINDS, fit
+from dataworth.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE, fit
 
 
 @click.command("fit")
 @click.option("--store", "store", required=True, type=click.Path(file_okay=False), help="Gradient store directory.")
-@click.option("--curvature", type=click.Choice(list(CURVATURE_KINDS)), default="raw", show_default=True,
+@click.option("--curvature", type=click.Choice(list(CURVATURE_KINDS)), default=DEFAULT_CURVATURE, show_default=True,
               help="none: identity; raw: exact projected Fisher; kfac: S ⊗ A; ekfac: KFAC basis, refitted eigenvalues.")
 @click.option("--damping", default="auto", show_default=True,
               help="λ > 0, or 'auto' = 0.1 × mean eigenvalue of each module's curvature.")

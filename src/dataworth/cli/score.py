@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dataworth.curvature import CURVATURE_KINDS
+from dataworth.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE
 from dataworth.scoring import SCORE_MODES, score
 
 
@@ -16,8 +16,9 @@ from dataworth.scoring import SCORE_MODES, score
 @click.option("--queries", required=True, help="Query rows: JSONL from `dataworth generate`, any data file or spec.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--mode", type=click.Choice(list(SCORE_MODES)), default="dot", show_default=True,
-              help="dot: g_q·(F+λI)⁻¹g_n; cosine: cos(preconditioned query, train row); relative: dot / self-influence.")
-@click.option("--curvature", type=click.Choice(list(CURVATURE_KINDS)), default="raw", show_default=True,
+              help="dot: g_q·(F+λI)⁻¹g_n; cosine: cos(preconditioned query, train row); "
+                   "relative: dot / self-influence.")
+@click.option("--curvature", type=click.Choice(list(CURVATURE_KINDS)), default=DEFAULT_CURVATURE, show_default=True,
               help="Fitted curvature to precondition with (run `dataworth fit` first unless none).")
 @click.option("--top-k", "top_k", type=int, default=10, show_default=True,
               help="Most positive and most negative rows kept per query (clamped to the store size).")
