@@ -21,7 +21,7 @@ def chance_mrr(n_rows: int, gold_sizes: list[int], trials: int = 2000, seed: int
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = DemoConfig(out=str(out), world="?people=12&distractors=12", preset="tiny-test", epochs=40, rank=8,
+    cfg = DemoConfig(out=str(out), world="?people=12&distractors=12", preset="tiny-test", epochs=40, rank=32,
                      curvatures=("none", "kfac"), modes=("dot", "cosine"))
     return run_demo(cfg)
 

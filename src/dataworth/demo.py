@@ -30,7 +30,7 @@ class DemoConfig:
     epochs: int | None = None
     modules: str = "all"
     projection: str = "random"
-    rank: int = 16
+    rank: int = 32
     curvatures: tuple[str, ...] = ("none", "raw", "kfac", "ekfac")
     modes: tuple[str, ...] = ("dot", "cosine")
     default_curvature: str = "ekfac"
@@ -64,9 +64,19 @@ def gold_positions(queries, train_ids: list[str]) -> list[list[int]]:
     return out
 
 
+def ensure_curvature(store_path, kind: str):
+    """The fitted curvature of ``kind`` for the store, fitting it first when it is not there yet."""
+    from dataworth.curvature import fit, load_curvature
+    from dataworth.store import open_store
+
+    try:
+        return load_curvature(open_store(store_path), kind)
+    except InputError:
+        return fit(store_path, kind)
+
+
 def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, documents) -> list[dict]:
     """recall@1 / recall@10 / MRR for each (curvature, mode) on the bios fact queries, plus BM25."""
-    from dataworth.curvature import fit, load_curvature
     from dataworth.evaluate import bm25_scores, fact_tracing_metrics
     from dataworth.extract import query_gradients
     from dataworth.scoring import score_rows
@@ -77,10 +87,7 @@ def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, docu
     table = []
     for kind in curvatures:
         started = time.perf_counter()
-        try:
-            curv = load_curvature(store, kind)
-        except InputError:
-            curv = fit(store.path, kind)
+        curv = ensure_curvature(store.path, kind)
         fit_s = time.perf_counter() - started
         for mode in modes:
             started = time.perf_counter()
@@ -163,6 +170,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     t = time.perf_counter()
     _say(f"[5/6] score the generated answers ({config.default_curvature}/{config.default_mode})")
     scores_dir = out / "scores"
+    ensure_curvature(store_dir, config.default_curvature)
     score(str(store_dir), str(generated), loaded, mode=config.default_mode, curvature=config.default_curvature,
           top_k=config.top_k, full=True, self_influence=True, out=scores_dir)
     seconds["score"] = time.perf_counter() - t
