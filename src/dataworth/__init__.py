@@ -1,8 +1,45 @@
 """dataworth: influence functions at LLM scale (LoGra) and targeted data selection (LESS).
 
-`import dataworth as dw` gives the stages of the data flow as functions; see README.md for the API reference.
+`import dataworth as dw` gives the stages of the data flow as functions (loaded lazily, so importing the
+package is cheap); see README.md for the API reference.
 """
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it, in data-flow order
+_API = {
+    "load_rows": "dataworth.data",
+    "encode_rows": "dataworth.data",
+    "builtin_rows": "dataworth.worlds",
+    "load_model": "dataworth.models",
+    "train": "dataworth.train",
+    "TrainConfig": "dataworth.train",
+    "generate": "dataworth.generate",
+    "extract": "dataworth.extract",
+    "ExtractConfig": "dataworth.extract",
+    "query_gradients": "dataworth.extract",
+    "token_contributions": "dataworth.extract",
+    "open_store": "dataworth.store",
+    "fit": "dataworth.curvature",
+    "load_curvature": "dataworth.curvature",
+    "score": "dataworth.scoring",
+    "score_rows": "dataworth.scoring",
+    "load_scores": "dataworth.scoring",
+    "report": "dataworth.report",
+    "value_ledger": "dataworth.ledger",
+    "fact_tracing_metrics": "dataworth.evaluate",
+    "run_demo": "dataworth.demo",
+    "InputError": "dataworth.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'dataworth' has no attribute {name!r}")
