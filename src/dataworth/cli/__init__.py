@@ -16,6 +16,8 @@ from dataworth.errors import InputError
 # (module under dataworth.cli, attribute holding the click command), in the order `--help` lists them.
 COMMANDS: list[tuple[str, str]] = [
     ("demo", "demo_command"),
+    ("train", "train_command"),
+    ("generate", "generate_command"),
     ("extract", "extract_command"),
     ("fit", "fit_command"),
     ("score", "score_command"),
