@@ -74,3 +74,130 @@ def bm25_scores(documents: Sequence[str], queries: Sequence[str]) -> np.ndarray:
 
     index = BM25Okapi([words(d) for d in documents])
     return np.stack([np.asarray(index.get_scores(words(q)), dtype=np.float64) for q in queries])
+
+
+# ------------------------------------------------------------------------------------------------ LDS
+#
+# Linear Datamodeling Score (Park et al. 2023, "TRAK: Attributing Model Behavior at Scale", §2.2, Def. 2.3).
+# SIGN: dataworth scores are positive when a training row *lowers* the query loss (dataworth.scoring), so
+# the datamodel prediction of subset S for query q is g(S) = Σ_{n∈S} τ(q, n) and it should rise as the loss
+# falls: LDS_q = Spearman_m( g(S_m), −L_q(θ_{S_m}) ). A perfect attribution has LDS near +1; an attribution
+# with its sign flipped has LDS near −1.
+
+
+def _spearman_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-column Spearman correlation of ``x [M, Q]`` and ``y [M, Q]`` → ``[Q]`` (NaN where a column is constant)."""
+    from scipy.stats import spearmanr
+
+    out = np.full(x.shape[1], np.nan)
+    for q in range(x.shape[1]):
+        if np.ptp(x[:, q]) == 0 or np.ptp(y[:, q]) == 0:
+            continue  # Spearman is undefined for a constant column; NaN says so (counted by lds_summary)
+        out[q] = spearmanr(x[:, q], y[:, q]).statistic
+    return out
+
+
+def subset_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Datamodel predictions ``g [M, Q]``: ``g[m, q] = Σ_n masks[m, n] · scores[q, n]`` (float64)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    masks = np.asarray(masks, dtype=bool)
+    if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1]:
+        raise ValueError(f"scores {scores.shape} and masks {masks.shape} must be [Q, N] and [M, N]")
+    return masks.astype(np.float64) @ scores.T
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Per-query LDS ``[Q]``: ``Spearman_m(Σ_{n∈S_m} scores[q, n], −losses[m, q])``.
+
+    ``scores [Q, N]`` (positive = helps = lowers the loss), ``masks [M, N]`` bool (row n in subset m),
+    ``losses [M, Q]`` measured query losses of the model retrained on subset m (average replicates first,
+    or pass ``[R, M, Q]`` and they are averaged). NaN for a query whose predictions or losses are constant.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim == 3:
+        losses = losses.mean(axis=0)
+    predictions = subset_predictions(scores, masks)
+    if losses.shape != predictions.shape:
+        raise ValueError(f"losses {losses.shape} must be [M, Q] = {predictions.shape}")
+    return _spearman_columns(predictions, -losses)
+
+
+def noise_ceiling(losses_a: np.ndarray, losses_b: np.ndarray) -> np.ndarray:
+    """Per-query Spearman ``[Q]`` between two retrain sets on the same subsets with different seeds.
+
+    ``losses_a``, ``losses_b``: ``[M, Q]``. How well one retrain set predicts another: the LDS that any
+    attribution can hope to reach against a single retrain set is of this order (training noise, not the
+    method, limits it).
+    """
+    losses_a, losses_b = np.asarray(losses_a, dtype=np.float64), np.asarray(losses_b, dtype=np.float64)
+    if losses_a.shape != losses_b.shape or losses_a.ndim != 2:
+        raise ValueError(f"losses_a {losses_a.shape} and losses_b {losses_b.shape} must both be [M, Q]")
+    return _spearman_columns(losses_a, losses_b)
+
+
+def bootstrap_interval(values: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (NaNs dropped), resampling with replacement.
+
+    ``n`` resamples from ``numpy.random.default_rng(seed)``; returns ``(lo, hi)`` at quantiles
+    ``(1 − level)/2`` and ``(1 + level)/2``. ``(nan, nan)`` when no finite value is left.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def lds_summary(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, n_bootstrap: int = 1000,
+                seed: int = 0) -> dict:
+    """The printed LDS figures: ``lds`` (mean over queries), ``lds_ci_low`` / ``lds_ci_high`` (bootstrap over
+    queries), ``noise_ceiling`` (replicate 0 vs 1, mean over queries; NaN with one replicate),
+    ``lds_undefined`` (queries with a constant column, left out of the mean and counted here).
+
+    ``losses``: ``[R, M, Q]`` (replicates) or ``[M, Q]``; the LDS uses the replicate mean.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim == 2:
+        losses = losses[None]
+    per_query = lds(scores, masks, losses.mean(axis=0))
+    lo, hi = bootstrap_interval(per_query, n=n_bootstrap, seed=seed)
+    ceiling = float("nan")
+    if losses.shape[0] >= 2:
+        ceiling = float(np.nanmean(noise_ceiling(losses[0], losses[1])))
+    finite = per_query[np.isfinite(per_query)]
+    return {"lds": float(finite.mean()) if finite.size else float("nan"), "lds_ci_low": lo, "lds_ci_high": hi,
+            "noise_ceiling": ceiling, "lds_undefined": int(per_query.size - finite.size),
+            "queries": int(per_query.size), "subsets": int(losses.shape[1]), "replicates": int(losses.shape[0])}
+
+
+# -------------------------------------------------------------------------------------- removal tests
+
+
+def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """``[Q, k]`` positions of each query's ``k`` highest-scoring rows (ties by row order, as `ranks`)."""
+    scores = np.atleast_2d(np.asarray(scores))
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"k must be in 1..{scores.shape[1]}, got {k}")
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def removal_summary(base: np.ndarray, top: np.ndarray, random: np.ndarray) -> dict:
+    """Query-loss increases after removing each query's top-attributed rows vs as many random rows.
+
+    ``base [Q]``: query losses retrained on all rows; ``top [Q]``: retrained without that query's top rows;
+    ``random [D, Q]``: retrained without D random draws of as many rows. Returns ``top_increase`` (mean of
+    ``top − base``), ``random_increase`` (mean over draws and queries of ``random − base``), ``ratio``
+    (top / random increase; NaN when the random increase is 0) and ``top_beats_random`` (fraction of
+    queries whose top-removal increase exceeds their mean random-removal increase).
+    """
+    base, top = np.asarray(base, dtype=np.float64), np.asarray(top, dtype=np.float64)
+    random = np.atleast_2d(np.asarray(random, dtype=np.float64))
+    if top.shape != base.shape or random.shape[1:] != base.shape:
+        raise ValueError(f"base {base.shape}, top {top.shape} must be [Q] and random {random.shape} [D, Q]")
+    top_inc = top - base
+    random_inc = (random - base[None]).mean(axis=0)
+    ti, ri = float(top_inc.mean()), float(random_inc.mean())
+    return {"top_increase": ti, "random_increase": ri, "ratio": ti / ri if ri != 0 else float("nan"),
+            "top_beats_random": float(np.mean(top_inc > random_inc))}
