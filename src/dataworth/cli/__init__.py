@@ -21,6 +21,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("extract", "extract_command"),
     ("fit", "fit_command"),
     ("score", "score_command"),
+    ("report", "report_command"),
+    ("value", "value_command"),
 ]
 
 
