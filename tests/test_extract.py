@@ -307,3 +307,13 @@ def test_per_token_contributions_sum_to_the_row_score(model_dir, tmp_path):
     for n, c in enumerate(contrib):
         assert c.shape == (3, len(encoded[n].input_ids))
         np.testing.assert_allclose(c.sum(axis=1), queries @ rows[n], rtol=1e-4, atol=1e-6)
+
+
+def test_query_measurement_leaves_out_the_appended_end_token(tiny_tokenizer):
+    from dataworth.extract import without_end_token
+
+    eos = tiny_tokenizer.eos_token_id
+    row = Encoded("q", [1, 5, 6, 7, eos], [0, 0, 1, 1, 1])
+    assert without_end_token(row, tiny_tokenizer).loss_mask == [0, 0, 1, 1, 0]
+    only_eos = Encoded("q", [1, 5, eos], [0, 0, 1])  # nothing else to measure: keep it
+    assert without_end_token(only_eos, tiny_tokenizer).loss_mask == [0, 0, 1]
