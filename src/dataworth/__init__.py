@@ -23,6 +23,7 @@ _API = {
     "ExtractConfig": "dataworth.extract",
     "query_gradients": "dataworth.extract",
     "token_contributions": "dataworth.extract",
+    "watch": "dataworth.logger",
     "open_store": "dataworth.store",
     "fit": "dataworth.curvature",
     "load_curvature": "dataworth.curvature",
