@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("score", "score_command"),
     ("report", "report_command"),
     ("value", "value_command"),
+    ("select", "select_group"),
 ]
 
 
