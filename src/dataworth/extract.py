@@ -471,12 +471,14 @@ def compute_shard(ex: Extractor, encoded: Sequence[Encoded], shard: int, config:
 def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=None,
             encoded: Sequence[Encoded] | None = None, overwrite: bool = False,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = True,
-            stop_after_shards: int | None = None):
+            stop_after_shards: int | None = None, task=None, batches=None):
     """Build (or resume) a gradient store; returns the opened `dataworth.store.Store`.
 
     With only ``config``: loads ``config.model`` and ``config.data``. A ready ``model`` / ``tokenizer`` /
     ``encoded`` rows may be passed instead (custom models, tests). ``stop_after_shards`` stops early
-    (tests of resumption; distributed: after this many shards of this rank).
+    (tests of resumption; distributed: after this many shards of this rank). ``task`` (a
+    `dataworth.task.Task`) with ``batches`` it understands: any model, rows of ``task.compute_train_loss``
+    (`dataworth.task.extract_with_task`; random/identity projection, single process, not resumable).
 
     Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), every rank runs this same call:
     ranks first check that their configurations (then model and data fingerprints) agree, then each
@@ -484,6 +486,11 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
     """
     from dataworth.store import StoreWriter, fragment_paths, open_store
 
+    if task is not None:  # any nn.Module: the task's per-example loss over its own batches (dataworth.task)
+        from dataworth.task import extract_with_task
+
+        return extract_with_task(config, model=model, task=task, batches=batches, encoded=encoded,
+                                 tokenizer=tokenizer, overwrite=overwrite)
     config.check()
     if not config.out:
         raise InputError("--out is required")
