@@ -358,6 +358,7 @@ def tiny_run(tmp_path_factory, tiny_tokenizer, tiny_llama):
 
 def test_select_run_end_to_end_writes_selection_scores_and_evaluation(tiny_run):
     from dataworth.select import compute_scores, load_config
+    from dataworth.store import open_store
 
     run = tiny_run / "run"
     figures = json.loads((tiny_run / "figures.json").read_text())
@@ -369,6 +370,14 @@ def test_select_run_end_to_end_writes_selection_scores_and_evaluation(tiny_run):
         table = pd.read_parquet(run / "selected" / task / "scores.parquet")
         truth = compute_scores(load_config(run), task)
         np.testing.assert_allclose(table["score"], truth["scores"])
+        # the streamed scores equal the plain formula on whole matrices: max_s mean_{v∈s} Σ_c η̄_c cos
+        record = json.loads((run / "features" / "features.json").read_text())
+        trains = [open_store(Path(c["features"]) / "pool").matrix() for c in record["checkpoints"]]
+        valids = [open_store(Path(c["features"]) / "valid" / task).matrix() for c in record["checkpoints"]]
+        pairs = weighted_cosine(trains, valids, [c["avg_lr"] for c in record["checkpoints"]])
+        labels = subtask_labels(load_task_rows(str(tiny_run / "valid"), task), task)
+        plain = np.max([pairs[:, [lab == s for lab in labels]].mean(1) for s in dict.fromkeys(labels)], axis=0)
+        np.testing.assert_allclose(truth["scores"], plain, rtol=1e-12)
         assert [s["id"] for s in selected] == table.sort_values("rank")["id"].tolist()[:3]
         assert (run / "final" / task / "adapter" / "adapter_config.json").is_file()
         assert json.loads((run / "eval" / f"{task}.json").read_text())["eval"]["rows"] == 4

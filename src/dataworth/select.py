@@ -643,7 +643,7 @@ def compute_scores(config: SelectConfig, task: str) -> dict:
     if not record_path.is_file():
         raise InputError(f"{record_path}: missing (run `dataworth select features` first)")
     record = json.loads(record_path.read_text())
-    trains, valids, lrs, ids = [], [], [], None
+    pairs, lrs, ids = None, [], None
     for ckpt in record["checkpoints"]:
         root = Path(ckpt["features"])
         if not (root / "valid" / task / "manifest.json").is_file():
@@ -657,10 +657,13 @@ def compute_scores(config: SelectConfig, task: str) -> dict:
         if valid.ids != [r.id for r in valid_rows]:
             raise InputError(f"{root / 'valid' / task}: validation rows differ from --valid {config.valid}; "
                              "re-run features")
-        trains.append(pool.matrix())
-        valids.append(valid.matrix())
+        valid_matrix = valid.matrix()
+        if pairs is None:
+            pairs = np.zeros((pool.rows, valid.rows))
+        # Σ_c η̄_c · cos, streamed over pool blocks so a large pool never sits in memory whole
+        for start, block in pool.iter_blocks():
+            pairs[start:start + len(block)] += ckpt["avg_lr"] * cosine_matrix(block, valid_matrix)
         lrs.append(ckpt["avg_lr"])
-    pairs = weighted_cosine(trains, valids, lrs)
     scores, names, per_subtask = aggregate_scores(pairs, subtasks, config.aggregate, config.across)
     return {"ids": ids, "scores": scores, "subtasks": names, "per_subtask": per_subtask, "lrs": lrs}
 
