@@ -39,6 +39,17 @@ import numpy as np
 import pandas as pd
 
 from dataworth.curvature import DEFAULT_CURVATURE, Curvature, load_curvature
+from dataworth.distributed import (
+    SINGLE,
+    DistContext,
+    all_gather_objects,
+    all_reduce_arrays,
+    all_reduce_count,
+    barrier,
+    broadcast_object,
+    iter_owned_blocks,
+    merge_topk,
+)
 from dataworth.errors import InputError
 
 SCORE_MODES = ("dot", "cosine", "relative")
@@ -89,12 +100,14 @@ class StreamingTopK:
     the block's own best ``k`` (ties to the lower row) are selected by partition, then merged with the kept
     ``k``. Blocks must arrive in row order: the kept candidates then all precede the block's rows, so a
     *stable* sort of ``[kept | block best]`` orders ties by row index — exact top-k, ties broken by row order.
-    Values must not be NaN (``score_rows`` checks).
+    Values must not be NaN (``score_rows`` checks). ``allow_gaps``: rows may be skipped (a rank sees only
+    its own shards) as long as they increase — the argument above still holds.
     """
 
     n_queries: int
     k: int
     descending: bool
+    allow_gaps: bool = False
     values: np.ndarray | None = None
     rows: np.ndarray | None = None
     next_row: int = 0
@@ -104,7 +117,7 @@ class StreamingTopK:
         self.rows = np.empty((self.n_queries, 0), dtype=np.int64)
 
     def update(self, values: np.ndarray, first_row: int) -> None:
-        if first_row != self.next_row:
+        if first_row < self.next_row or (first_row != self.next_row and not self.allow_gaps):
             raise ValueError(f"blocks out of order: expected row {self.next_row}, got {first_row}")
         n = values.shape[1]
         self.next_row = first_row + n
@@ -272,6 +285,8 @@ def score_rows(
     *,
     with_self_influence: bool = False,
     out_dir: str | os.PathLike | None = None,
+    memory_budget_mb: float | None = None,
+    dist: DistContext | None = None,
 ) -> Scores:
     """Score ``query_rows`` ``[Q, D]`` against every row of ``store``; see the module docstring for the maths.
 
@@ -280,7 +295,14 @@ def score_rows(
     block_rows)`` whatever the store size. ``full`` keeps the ``[Q, N]`` float32 matrix — written block by
     block to ``out_dir/scores.npy`` (a memmap) when ``out_dir`` is given, in memory otherwise.
     ``top_k`` larger than the store is clamped to the store size (``summary["clamped"]`` and a note say so).
+
+    ``memory_budget_mb``: choose ``block_rows`` and a query batch size so that the buffers stay within the
+    budget (`score_budget`); each query batch reads the store once (``summary["store_passes"]``).
+    ``dist``: a `DistContext` of ranks that all call this with the same arguments: each scores the shards it
+    owns, the top-k lists are merged exactly (ties to the lower store row), the full matrix is written
+    column block by column block by the rank that owns them; every rank returns the same `Scores`.
     """
+    ctx = dist or SINGLE
     started = time.perf_counter()
     check_mode(mode)
     query_rows = np.asarray(query_rows)
@@ -312,59 +334,69 @@ def score_rows(
     notes = []
     if k < int(top_k):
         notes.append(f"--top-k {top_k} is larger than the store ({n_rows} rows): clamped to {k}")
-
-    preconditioned64 = curvature.precondition64(query_rows)
-    preconditioned = preconditioned64.astype(np.float32)
-    query_norms = np.linalg.norm(preconditioned64, axis=1)
-    precondition_s = time.perf_counter() - started
+    need_self = mode == "relative" or with_self_influence
+    query_batch = n_queries
+    if memory_budget_mb is not None:
+        block_rows, query_batch = score_budget(memory_budget_mb, store, n_queries, k, mode, need_self)
 
     matrix, matrix_tmp, matrix_path = None, None, None
     if full:
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            matrix_path = Path(out_dir) / "scores.npy"
-            matrix_tmp = matrix_path.with_name(f"scores.npy.tmp-{os.getpid()}")
-            matrix = np.lib.format.open_memmap(matrix_tmp, mode="w+", dtype=np.float32, shape=(n_queries, n_rows))
-        else:
-            matrix = np.empty((n_queries, n_rows), dtype=np.float32)
+        matrix, matrix_tmp, matrix_path = _open_matrix(ctx, out_dir, n_queries, n_rows)
 
-    positive = StreamingTopK(n_queries, k, descending=True)
-    negative = StreamingTopK(n_queries, k, descending=False)
-    need_self = mode == "relative" or with_self_influence
+    positive_parts, negative_parts = [], []
     self_parts: list[np.ndarray] = []
-    seen = 0
+    self_rows: list[int] = []
+    precondition_s = 0.0
+    passes = 0
     try:
-        for start, block in store.iter_blocks(block_rows):
-            self_inf = self_influence_block(curvature, block) if need_self else None
-            if with_self_influence:
-                self_parts.append(self_inf)
-            values = score_block(mode, preconditioned, block, query_norms, self_inf)
-            if np.isnan(values).any():
-                bad = start + int(np.flatnonzero(np.isnan(values).any(axis=0))[0])
-                raise InputError(f"{store.path}: NaN score for store row {bad} (id {store.ids[bad]!r}); "
-                                 "the row or the curvature holds non-finite numbers")
-            positive.update(values, start)
-            negative.update(values, start)
-            if matrix is not None:
-                matrix[:, start : start + values.shape[1]] = values
-            seen += values.shape[1]
-        if seen != n_rows:
-            raise InputError(f"{store.path}: manifest says {n_rows} rows but the shards hold {seen}")
-        if matrix_tmp is not None:
-            matrix.flush()
-            del matrix
-            os.replace(matrix_tmp, matrix_path)
-            matrix = np.load(matrix_path, mmap_mode="r")
+        for q0 in range(0, n_queries, query_batch):
+            q1 = min(n_queries, q0 + query_batch)
+            t0 = time.perf_counter()
+            preconditioned64 = curvature.precondition64(query_rows[q0:q1])
+            preconditioned = preconditioned64.astype(np.float32)
+            query_norms = np.linalg.norm(preconditioned64, axis=1)
+            del preconditioned64
+            precondition_s += time.perf_counter() - t0
+            positive = StreamingTopK(q1 - q0, k, descending=True, allow_gaps=ctx.active)
+            negative = StreamingTopK(q1 - q0, k, descending=False, allow_gaps=ctx.active)
+            seen = 0
+            for start, block in iter_owned_blocks(store, block_rows, ctx):
+                self_inf = self_influence_block(curvature, block) if need_self else None
+                if with_self_influence and passes == 0:
+                    self_parts.append(self_inf)
+                    self_rows.append(start)
+                values = score_block(mode, preconditioned, block, query_norms, self_inf)
+                del block
+                if np.isnan(values).any():
+                    bad = start + int(np.flatnonzero(np.isnan(values).any(axis=0))[0])
+                    raise InputError(f"{store.path}: NaN score for store row {bad} (id "
+                                     f"{row_ids(store, np.array([bad]))[0]!r}); the row or the curvature holds "
+                                     "non-finite numbers")
+                positive.update(values, start)
+                negative.update(values, start)
+                if matrix is not None:
+                    matrix[q0:q1, start : start + values.shape[1]] = values
+                seen += values.shape[1]
+                del values
+            passes += 1
+            seen = all_reduce_count(ctx, seen)
+            if seen != n_rows:
+                raise InputError(f"{store.path}: manifest says {n_rows} rows but the shards hold {seen}")
+            positive_parts.append(_merge_ranks(ctx, positive))
+            negative_parts.append(_merge_ranks(ctx, negative))
+        matrix = _close_matrix(ctx, matrix, matrix_tmp, matrix_path)
     finally:
-        if matrix_tmp is not None and matrix_tmp.exists():
+        if matrix_tmp is not None and ctx.is_main and matrix_tmp.exists():
             matrix_tmp.unlink()
     scoring_s = time.perf_counter() - started - precondition_s
 
-    train_ids = [str(i) for i in store.ids]
-    table = topk_table(query_ids, train_ids, positive, negative)
+    positive = _stack_topk(positive_parts)
+    negative = _stack_topk(negative_parts)
+    table = topk_table(query_ids, lambda rows: row_ids(store, rows), positive, negative)
     self_table = None
     if with_self_influence:
-        values = np.concatenate(self_parts) if self_parts else np.zeros(0)
+        values = _gather_rows(ctx, self_rows, self_parts, n_rows)
+        train_ids = [str(i) for i in store.ids]
         self_table = pd.DataFrame({"train_row": np.arange(n_rows), "train_id": train_ids, "self_influence": values})
     total_s = time.perf_counter() - started
     summary = {
@@ -385,29 +417,148 @@ def score_rows(
         "full": bool(full),
         "self_influence": bool(with_self_influence),
         "block_rows": int(block_rows),
+        "query_batch": int(query_batch),
+        "store_passes": passes,
+        "memory_budget_mb": memory_budget_mb,
+        "world_size": ctx.world_size,
         "notes": notes,
         "timings": {
             "precondition_s": round(precondition_s, 6),
             "scoring_s": round(scoring_s, 6),
             "total_s": round(total_s, 6),
-            "rows_per_s": round(n_rows / scoring_s, 1) if scoring_s > 0 else None,
+            "rows_per_s": round(n_rows * passes / scoring_s, 1) if scoring_s > 0 else None,
         },
     }
     return Scores(table=table, summary=summary, query_ids=query_ids, matrix=matrix, self_influence=self_table)
 
 
-def topk_table(query_ids: Sequence[str], train_ids: Sequence[str], positive: StreamingTopK,
+# ---------------------------------------------------------------------------------------------------------
+# Memory budget, ids of a few rows, distributed pieces
+
+
+def score_budget(memory_budget_mb: float, store, n_queries: int, top_k: int, mode: str,
+                 need_self: bool) -> tuple[int, int]:
+    """``(block_rows, query_batch)`` whose buffers fit in ``memory_budget_mb`` MiB.
+
+    Accounted (bytes): a query batch ``Qb × D × 20`` (float64 preconditioning result + float32 copy +
+    float64 product temporaries) and top-k state ``Qb × k × 48``, at most half the budget; a block of ``B``
+    rows ``B × (16·D + 32·D_max + 48·Qb)`` (float32 block + raw-to-float32 temporary, float64 per-module
+    work of cosine / self-influence, ``[Qb, B]`` scores and their temporaries). Each query batch streams
+    the store once, so the store is read ``ceil(Q / Qb)`` times. A budget too small for one row of one
+    query → InputError naming ``--memory-budget``.
+    """
+    budget = float(memory_budget_mb) * 2**20
+    dim = store.dim
+    d_max = max((m.size for m in store.modules), default=dim)
+    per_query = dim * 20 + top_k * 48
+    query_batch = int(min(n_queries, (budget / 2) // per_query))
+    per_row = lambda qb: 16 * dim + (32 * d_max if (mode == "cosine" or need_self) else 0) + 48 * qb  # noqa: E731
+    if query_batch < 1 or (budget / 2) // per_row(1) < 1:
+        need = 2 * (per_query + per_row(1)) / 2**20
+        raise InputError(f"--memory-budget {memory_budget_mb} MiB is too small for rows of {dim} columns; "
+                         f"at least {need:.3f} MiB is needed")
+    block_rows = int((budget / 2) // per_row(query_batch))
+    return max(1, block_rows), query_batch
+
+
+def row_ids(store, rows: np.ndarray) -> np.ndarray:
+    """Ids of the given store rows (any shape), reading only the metadata of the shards that hold them.
+
+    Bounded memory whatever the store size (``store.ids`` would hold every id); falls back to ``store.ids``
+    for store objects without per-shard metadata.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    shards = getattr(store, "manifest", {}).get("shards") or []
+    if not shards or not all("meta" in s for s in shards):
+        ids = np.asarray([str(i) for i in store.ids], dtype=object)
+        return ids[rows] if rows.size else np.zeros(rows.shape, dtype=object)
+    import pyarrow.parquet as pq
+
+    wanted = np.unique(rows)
+    firsts = np.asarray([s["first_row"] for s in shards], dtype=np.int64)
+    owner = np.searchsorted(firsts, wanted, side="right") - 1
+    found: dict[int, str] = {}
+    for shard in np.unique(owner):
+        column = pq.read_table(Path(store.path) / shards[shard]["meta"], columns=["id"]).column("id")
+        for row in wanted[owner == shard]:
+            found[int(row)] = str(column[int(row - firsts[shard])].as_py())
+    return np.asarray([found[int(r)] for r in rows.reshape(-1)], dtype=object).reshape(rows.shape)
+
+
+def _merge_ranks(ctx, state: "StreamingTopK") -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's top-k of one query batch → the exact global top-k (``dataworth.distributed.merge_topk``)."""
+    if not ctx.active:
+        return state.values, state.rows
+    parts = all_gather_objects(ctx, (state.values, state.rows))
+    return merge_topk([p[0] for p in parts], [p[1] for p in parts], state.k, state.descending)
+
+
+def _stack_topk(parts: list[tuple[np.ndarray, np.ndarray]]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(values=np.concatenate([p[0] for p in parts], axis=0),
+                           rows=np.concatenate([p[1] for p in parts], axis=0))
+
+
+def _gather_rows(ctx, starts: list[int], parts: list[np.ndarray], n_rows: int) -> np.ndarray:
+    """Per-row values computed block by block on each rank → one ``[N]`` array on every rank."""
+    gathered = all_gather_objects(ctx, list(zip(starts, parts))) if ctx.active else [list(zip(starts, parts))]
+    out = np.zeros(n_rows, dtype=np.float64)
+    for rank_parts in gathered:
+        for start, values in rank_parts:
+            out[start : start + len(values)] = values
+    return out
+
+
+def _open_matrix(ctx, out_dir, n_queries: int, n_rows: int):
+    """The full ``[Q, N]`` float32 matrix: a memmap ``out_dir/scores.npy.tmp-<pid of rank 0>`` every rank writes
+    its columns into (rank 0 creates it; the directory must be shared), or an in-memory array."""
+    if out_dir is None:
+        return np.zeros((n_queries, n_rows), dtype=np.float32), None, None
+    matrix_path = Path(out_dir) / "scores.npy"
+    matrix_tmp = matrix_path.with_name(f"scores.npy.tmp-{broadcast_object(ctx, os.getpid())}")
+    if ctx.is_main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        matrix = np.lib.format.open_memmap(matrix_tmp, mode="w+", dtype=np.float32, shape=(n_queries, n_rows))
+    barrier(ctx)
+    if not ctx.is_main:
+        matrix = np.load(matrix_tmp, mmap_mode="r+")
+    return matrix, matrix_tmp, matrix_path
+
+
+def _close_matrix(ctx, matrix, matrix_tmp, matrix_path):
+    """Flush every rank's columns, then rank 0 moves the file into place; in memory: sum the ranks' columns
+    (each column is written by exactly one rank, the others hold zeros there)."""
+    if matrix is None:
+        return None
+    if matrix_tmp is None:
+        if ctx.active:
+            matrix = all_reduce_arrays(ctx, [matrix.astype(np.float64)])[0].astype(np.float32)
+        return matrix
+    matrix.flush()
+    del matrix
+    barrier(ctx)
+    if ctx.is_main:
+        os.replace(matrix_tmp, matrix_path)
+    barrier(ctx)
+    return np.load(matrix_path, mmap_mode="r")
+
+
+def topk_table(query_ids: Sequence[str], train_ids, positive: StreamingTopK,
                negative: StreamingTopK) -> pd.DataFrame:
-    """Long table ``query_id, direction, rank, train_id, train_row, score`` from the two top-k states."""
+    """Long table ``query_id, direction, rank, train_id, train_row, score`` from the two top-k states
+    (anything with ``rows``/``values`` ``[Q, k]``). ``train_ids``: every row's id, or a function rows → ids."""
     frames = []
-    train_ids = np.asarray(train_ids, dtype=object)
+    if not callable(train_ids):
+        all_ids = np.asarray(train_ids, dtype=object)
+        train_ids = lambda rows: all_ids[rows]  # noqa: E731
     for direction, state in (("positive", positive), ("negative", negative)):
         q, k = state.rows.shape
         frames.append(pd.DataFrame({
             "query_id": np.repeat(np.asarray(query_ids, dtype=object), k),
             "direction": direction,
             "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), q),
-            "train_id": train_ids[state.rows.reshape(-1)] if k else np.zeros(0, dtype=object),
+            "train_id": train_ids(state.rows.reshape(-1)) if k else np.zeros(0, dtype=object),
             "train_row": state.rows.reshape(-1),
             "score": state.values.reshape(-1).astype(np.float64),
         }))

@@ -25,6 +25,12 @@ Completion and resume: a shard is complete iff the manifest lists it. ``write_sh
 at worst an unlisted shard, which the next ``StoreWriter`` with the same header deletes and rewrites. The
 manifest carries no timestamps and is written canonically (nested header dicts with sorted keys), so a
 resumed store is byte-identical to an uninterrupted one.
+
+Rank-local writing (several processes filling one store, ``dataworth.distributed``): shard ``i`` is always
+the same rows whoever writes it, so ranks write shard files out of order with `write_shard_files` and list
+each finished shard in their own fragment ``manifest.rank-R.json`` (`write_fragment`); one process then
+hands the entries to ``StoreWriter.adopt_shards`` in shard order and finalizes. A fragment records the
+writer's `identity_digest`, so fragments of another configuration are never adopted.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ _SHARD_FILE = re.compile(r"^(\d{5,})\.(npy|meta\.parquet)$")
 _RESERVED_KEYS = ("format", "version", "complete", "rows", "dim", "dtype", "shard_rows", "modules",
                   "shards", "ids")
 _HASH_CHUNK = 1 << 24  # 16 MiB: hashing a shard never holds more than this in memory
+FRAGMENT_FORMAT = "dataworth-store-fragment"
+_FRAGMENT_FILE = re.compile(r"^manifest\.rank-(\d+)\.json$")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -738,11 +746,16 @@ class StoreWriter:
     - a store with a different header → ``InputError`` naming the first differing key, unless
       ``overwrite=True``, which removes the old store's files first;
     - a non-empty directory that is not a store → ``InputError`` (user files are never deleted).
+
+    ``prune=False`` keeps shard files the manifest does not list (other ranks' finished shards, listed in
+    their fragments; see the module docstring) and deletes only tmp files.
     """
 
     def __init__(self, path: str | os.PathLike, *, modules: Sequence[ModuleSpec], dtype: object,
-                 shard_rows: int, header: dict[str, Any], overwrite: bool = False, verify: bool = True):
+                 shard_rows: int, header: dict[str, Any], overwrite: bool = False, verify: bool = True,
+                 prune: bool = True):
         self.path = Path(path)
+        self._prune = prune
         self.dtype = normalize_dtype(dtype)
         self.modules = list(modules)
         self.dim = sum(m.size for m in self.modules)
@@ -818,7 +831,7 @@ class StoreWriter:
         leaves something still recognisable as a store. Files of other kinds are left alone."""
         shutil.rmtree(self.path / SHARD_DIR, ignore_errors=True)
         (self.path / IDS_FILE).unlink(missing_ok=True)
-        for e in _tmp_files(self.path) + sorted(self.path.rglob("*.safetensors")):
+        for e in _tmp_files(self.path) + sorted(self.path.rglob("*.safetensors")) + fragment_paths(self.path):
             e.unlink(missing_ok=True)
         for d in sorted((d for d in self.path.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
             if not any(d.iterdir()):
@@ -852,7 +865,7 @@ class StoreWriter:
         """Delete files a killed run left behind: tmp files and shards the manifest does not list."""
         shard_dir = self.path / SHARD_DIR
         shard_dir.mkdir(exist_ok=True)
-        for e in _store_entries(shard_dir):
+        for e in _store_entries(shard_dir) if self._prune else []:
             m = _SHARD_FILE.match(e.name)
             if e.is_file() and m and int(m.group(1)) >= len(self._shards):
                 e.unlink()
@@ -902,22 +915,43 @@ class StoreWriter:
         """
         if index != self.done_shards:
             raise ValueError(f"{self.path}: shard {index} written out of order; next shard is {self.done_shards}")
-        matrix = _as_float_matrix(rows)
-        n = matrix.shape[0] if matrix.ndim == 2 else -1
-        if matrix.ndim != 2 or matrix.shape[1] != self.dim:
-            raise ValueError(f"shard {index}: rows have shape {list(matrix.shape)}, expected [n, {self.dim}]")
-        if not 1 <= n <= self.shard_rows:
-            raise ValueError(f"shard {index}: {n} rows, expected 1..{self.shard_rows} (shard_rows)")
-        ids, loss, tokens = _check_meta(index, n, ids, loss, tokens)
-        raw = to_store_dtype(matrix, self.dtype)
-        sha = _write_npy(self.path / _shard_name(index), raw)
-        meta_sha = _write_parquet(self.path / _meta_name(index), _meta_table(ids, loss, tokens))
-        first_row = self.done_rows
-        self._shards.append({"file": _shard_name(index), "rows": n, "sha256": sha, "first_row": first_row,
-                             "meta": _meta_name(index), "meta_sha256": meta_sha})
+        entry = write_shard_files(self.path, index, rows, ids, loss, tokens, dtype=self.dtype, dim=self.dim,
+                                  shard_rows=self.shard_rows)
+        self._shards.append({**entry, "first_row": self.done_rows})
         self._complete, self._ids_entry = False, None
         self._write_manifest()
         (self.path / IDS_FILE).unlink(missing_ok=True)  # only exists if this appends to a finalized store
+
+    def adopt_shards(self, entries: Sequence[dict[str, Any]], verify: bool = True) -> None:
+        """Append shards written elsewhere by `write_shard_files` (other ranks), in order.
+
+        ``entries[j]`` must describe shard ``done_shards + j`` (file names fixed by the index); each file is
+        checked (``.npy`` header and size, and with ``verify`` the SHA-256 recorded when it was written)
+        before the manifest lists it, so a store never lists a shard that is not whole.
+        """
+        added = []
+        first_row = self.done_rows
+        for j, entry in enumerate(entries):
+            index = self.done_shards + j
+            keys = ("file", "rows", "sha256", "meta", "meta_sha256")
+            item = {k: entry.get(k) for k in keys}
+            if item["file"] != _shard_name(index) or item["meta"] != _meta_name(index):
+                raise InputError(f"{self.path}: shard entry {item['file']!r} adopted as shard {index} "
+                                 f"(expected {_shard_name(index)!r}); shards must be adopted in order")
+            item["first_row"] = first_row
+            first_row += int(item["rows"])
+            added.append(item)
+        _verify_shards(self.path, added, self.dim, self.dtype, verify)
+        if not added:
+            return
+        self._shards.extend(added)
+        self._complete, self._ids_entry = False, None
+        self._write_manifest()
+        (self.path / IDS_FILE).unlink(missing_ok=True)
+
+    def identity_digest(self) -> str:
+        """SHA-256 of what must match for a resume (header, modules, dtype, shard_rows): tags fragments."""
+        return hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode("utf-8")).hexdigest()
 
     def save_tensors(self, relpath: str, tensors: dict[str, "torch.Tensor"],
                      metadata: dict[str, str] | None = None) -> Path:
@@ -963,3 +997,90 @@ def _check_meta(index: int, n: int, ids: Sequence[str], loss: Any, tokens: Any
     if not np.array_equal(tokens, tokens_in):
         raise ValueError(f"shard {index}: token counts must be integers")
     return ids, loss, tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rank-local writing: shard files out of order, per-rank fragments
+
+
+def write_shard_files(path: str | os.PathLike, index: int, rows: Any, ids: Sequence[str], loss: Any, tokens: Any,
+                      *, dtype: str, dim: int, shard_rows: int) -> dict[str, Any]:
+    """Write shard ``index`` (``.npy`` then meta parquet, each atomically) and return its manifest entry
+    ``{file, rows, sha256, meta, meta_sha256}`` (without ``first_row``, which depends on the shards before it).
+
+    Rows are converted to the store dtype via float32 (round-to-nearest-even), as ``StoreWriter.write_shard``.
+    """
+    path = Path(path)
+    matrix = _as_float_matrix(rows)
+    n = matrix.shape[0] if matrix.ndim == 2 else -1
+    if matrix.ndim != 2 or matrix.shape[1] != dim:
+        raise ValueError(f"shard {index}: rows have shape {list(matrix.shape)}, expected [n, {dim}]")
+    if not 1 <= n <= shard_rows:
+        raise ValueError(f"shard {index}: {n} rows, expected 1..{shard_rows} (shard_rows)")
+    ids, loss, tokens = _check_meta(index, n, ids, loss, tokens)
+    raw = to_store_dtype(matrix, normalize_dtype(dtype))
+    (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    sha = _write_npy(path / _shard_name(index), raw)
+    meta_sha = _write_parquet(path / _meta_name(index), _meta_table(ids, loss, tokens))
+    return {"file": _shard_name(index), "rows": n, "sha256": sha, "meta": _meta_name(index), "meta_sha256": meta_sha}
+
+
+def fragment_name(rank: int) -> str:
+    """File name of rank ``rank``'s fragment: ``manifest.rank-R.json``."""
+    return f"manifest.rank-{int(rank)}.json"
+
+
+def fragment_paths(path: str | os.PathLike) -> list[Path]:
+    """The fragment files in a store directory, by rank."""
+    path = Path(path)
+    found = [(int(m.group(1)), e) for e in _store_entries(path) if (m := _FRAGMENT_FILE.match(e.name))]
+    return [e for _rank, e in sorted(found)]
+
+
+def write_fragment(path: str | os.PathLike, rank: int, identity: str, shards: Sequence[dict[str, Any]],
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Atomically (re)write rank ``rank``'s fragment listing its finished ``shards`` (entries with an
+    ``index``), tagged with the writer's ``identity`` digest."""
+    body = {"format": FRAGMENT_FORMAT, "version": VERSION, "rank": int(rank), "identity": identity,
+            **(extra or {}), "shards": sorted(shards, key=lambda e: e["index"])}
+    target = Path(path) / fragment_name(rank)
+    with _atomic_target(target) as tmp:
+        tmp.write_bytes(_manifest_bytes(body))
+    return target
+
+
+def read_fragment_entries(path: str | os.PathLike, identity: str) -> dict[int, dict[str, Any]]:
+    """``{shard index: entry}`` from every fragment of the store written under ``identity`` (each entry gets
+    ``writer``: the rank whose fragment lists it).
+
+    A fragment of another configuration (different identity) → ``InputError`` naming it (``--overwrite``
+    replaces it); two fragments listing the same shard with different checksums → ``InputError``.
+    """
+    out: dict[int, dict[str, Any]] = {}
+    for fpath in fragment_paths(path):
+        try:
+            body = json.loads(fpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{fpath}: not valid JSON ({exc}); delete it to recompute its shards") from exc
+        if not isinstance(body, dict) or body.get("format") != FRAGMENT_FORMAT or not isinstance(body.get("shards"), list):
+            raise InputError(f"{fpath}: field 'format' is not {FRAGMENT_FORMAT!r}; not a store fragment")
+        if body.get("identity") != identity:
+            raise InputError(f"{fpath}: written for another configuration of this store (identity differs); "
+                             "pass --overwrite to replace the store")
+        for i, entry in enumerate(body["shards"]):
+            index = entry.get("index") if isinstance(entry, dict) else None
+            if not isinstance(index, int) or entry.get("file") != _shard_name(index) or entry.get("meta") != _meta_name(index):
+                raise InputError(f"{fpath}: field 'shards[{i}]' is malformed")
+            if index in out and out[index]["sha256"] != entry.get("sha256"):
+                raise InputError(f"{fpath}: shard {index} listed with a different sha256 than in another fragment")
+            out[index] = {**entry, "writer": body.get("rank")}
+    return out
+
+
+def shard_entry_is_whole(path: str | os.PathLike, entry: dict[str, Any], dim: int, dtype: str) -> bool:
+    """Whether the files of a fragment entry exist with the recorded size and SHA-256."""
+    try:
+        _verify_shards(Path(path), [entry], dim, dtype, verify=True)
+    except InputError:
+        return False
+    return True
