@@ -551,3 +551,271 @@ def removal_losses(task: LdsTask, removed: Sequence[int], replicate: int = 0, *,
 def full_losses(task: LdsTask, replicate: int = 0, **kwargs: Any) -> np.ndarray:
     """``[Q]`` query losses of the all-rows reference retrain of ``replicate`` (paired with removals)."""
     return removal_losses(task, [], replicate, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ attributing the task
+#
+# What `dataworth eval` runs: dataworth's own attribution of the task's queries, scored against the retrains.
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """How dataworth attributes the task's queries (one row of the LDS table).
+
+    ``projection``: ``random`` | ``pca`` | ``identity`` (LoGra; ``rank`` = k_in = k_out, ignored for identity).
+    ``curvature``: ``none`` | ``raw`` | ``kfac`` | ``ekfac``; ``damping``: a float or ``auto``.
+    ``mode``: ``dot`` | ``cosine`` | ``relative`` (``dataworth.scoring``).
+    ``checkpoints``: ``final`` (the full-data model) or ``ensemble`` — the mean of the score matrices of
+    the task's kept per-epoch checkpoints (TRAK's model ensemble / TracIn's checkpoint sum, with equal
+    weights). ``optimizer``: ``none`` or ``adam`` — TrackStar (Chang et al. 2024, "Scalable Influence and
+    Fact Tracing for LLM Pretraining", §3): each gradient is divided elementwise by ``√v̂ + ε`` (the final
+    checkpoint's Adam second moment) — exact only with ``identity`` projection, which this requires —
+    then densely projected to ``rank`` dims, preconditioned with the damped mixture
+    ``R = (1 − mix)·R_train + mix·R_query`` of the train and query gradient second moments, and unit-normalised
+    (``mode`` is then ignored: TrackStar is a cosine).
+    """
+
+    projection: str = "random"
+    rank: int = 32
+    curvature: str = "ekfac"
+    damping: Any = "auto"
+    mode: str = "dot"
+    modules: str = "all"
+    checkpoints: str = "final"
+    optimizer: str = "none"
+    mix: float = 0.5
+
+    def label(self) -> str:
+        proj = "identity" if self.projection == "identity" else f"{self.projection}-{self.rank}"
+        if self.optimizer == "adam":
+            return f"trackstar {proj}→{self.rank} mix={self.mix}" + (" ensemble" if self.checkpoints == "ensemble" else "")
+        extra = " ensemble" if self.checkpoints == "ensemble" else ""
+        return f"{proj} {self.curvature}/{self.mode}{extra}"
+
+    def check(self) -> None:
+        from dataworth.curvature import check_kind
+        from dataworth.scoring import check_mode
+
+        check_kind(self.curvature)
+        check_mode(self.mode)
+        if self.projection not in ("random", "pca", "identity"):
+            raise InputError(f"--projection: must be random, pca or identity, got {self.projection!r}")
+        if self.checkpoints not in ("final", "ensemble"):
+            raise InputError(f"--checkpoints: must be final or ensemble, got {self.checkpoints!r}")
+        if self.optimizer not in ("none", "adam"):
+            raise InputError(f"--optimizer: must be none or adam, got {self.optimizer!r}")
+        if self.optimizer == "adam" and self.projection != "identity":
+            raise InputError("--optimizer adam (TrackStar) needs --projection identity (exact per-element scaling)")
+        if not 0 <= self.mix <= 1:
+            raise InputError(f"--mix: must be in [0, 1], got {self.mix}")
+
+
+def attribution_scores(task: LdsTask, method: AttributionConfig, *, progress: bool = False) -> np.ndarray:
+    """The ``[Q, N]`` float64 score matrix of ``method`` for the task's queries (row order ``task.train_ids``).
+
+    Stores are extracted once per (checkpoint, projection, rank) under ``task.out/stores`` and reused.
+    """
+    method.check()
+    if method.checkpoints == "ensemble":
+        if not task.checkpoints:
+            raise InputError("--checkpoints ensemble: the task kept no checkpoints (build it with checkpoints >= 2)")
+        models = list(task.checkpoints)
+    else:
+        models = [task.model_dir]
+    mats = [_scores_at(task, Path(m), method, progress) for m in models]
+    return np.mean(mats, axis=0)
+
+
+def _scores_at(task: LdsTask, model_dir: Path, method: AttributionConfig, progress: bool) -> np.ndarray:
+    from dataworth.curvature import fit_curvature
+    from dataworth.extract import ExtractConfig, extract, query_gradients
+    from dataworth.models import load_model
+    from dataworth.scoring import score_rows
+
+    tag = "final" if model_dir == task.model_dir else model_dir.name
+    proj = method.projection if method.projection == "identity" else f"{method.projection}-{method.rank}"
+    store_dir = task.out / "stores" / f"{tag}-{proj}-{method.modules}"
+    store = extract(ExtractConfig(model=str(model_dir), data=task.config.data, out=str(store_dir),
+                                  modules=method.modules, projection=method.projection, rank_in=method.rank,
+                                  rank_out=method.rank, seed=task.config.seed, dtype="float32", device="cpu",
+                                  shard_rows=4096, max_length=task.config.train.max_length), progress=progress)
+    if list(store.ids) != task.train_ids:
+        raise InputError(f"{store_dir}: store rows are not the task's training rows in order")
+    loaded = load_model(str(model_dir), device="cpu")
+    queries = query_gradients(store, loaded.model, loaded.tokenizer, task.query_rows(), chat=task.config.train.chat)
+    if method.optimizer == "adam":
+        return trackstar_scores(store, queries, model_dir, method)
+    curvature = fit_curvature(store, method.curvature, method.damping)
+    result = score_rows(store, queries, task.query_ids, curvature, mode=method.mode, top_k=1, full=True)
+    return np.asarray(result.matrix, dtype=np.float64)
+
+
+def adam_normalise(rows: np.ndarray, store, states: dict, eps: float) -> np.ndarray:
+    """Divide each module's exact gradient columns ``[*, D]`` by ``√v̂ + eps`` of that module's weight
+    (TrackStar's optimizer normalisation), ``v̂ = exp_avg_sq / (1 − β₂ᵗ)`` the bias-corrected Adam second
+    moment (``states[name]["_bias2"]`` holds ``1 − β₂ᵗ``)."""
+    out = np.array(rows, dtype=np.float32, copy=True)
+    layouts = {m["name"]: m for m in store.manifest["config"]["module_info"]}
+    for spec in store.modules:
+        name = f"{spec.name}.weight"
+        if name not in states:
+            raise InputError(f"optimizer state has no entry for {name} (checkpoint from another model?)")
+        v = states[name]["exp_avg_sq"].numpy().astype(np.float64)
+        v = v / states[name]["_bias2"]
+        if layouts[spec.name].get("weight_layout", "out_in") != "out_in":
+            v = v.T  # Conv1D stores in × out; store rows are out × in
+        denom = (np.sqrt(v) + eps).reshape(-1).astype(np.float32)
+        if denom.size != spec.size:
+            raise InputError(f"module {spec.name}: optimizer state has {denom.size} entries, store has {spec.size}")
+        out[:, spec.offset:spec.offset + spec.size] /= denom[None]
+    return out
+
+
+def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: AttributionConfig) -> np.ndarray:
+    """TrackStar scores ``[Q, N]``: cos(R^{-1/2} P ĝ_q, R^{-1/2} P ĝ_n) with ĝ Adam-normalised exact gradients,
+    P a seeded Gaussian ``D → rank`` projection, ``R`` the damped train/query second-moment mixture."""
+    from dataworth.projection import dense_project
+    from dataworth.train import load_optimizer_state
+
+    ckpts = sorted((model_dir / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+    source = model_dir if (model_dir / "optimizer.safetensors").exists() else (ckpts[-1] if ckpts else None)
+    if source is None:
+        raise InputError(f"{model_dir}: no optimizer state (checkpoints/epoch-N/optimizer.safetensors) for TrackStar")
+    states, meta = load_optimizer_state(source)
+    beta2 = float(meta["betas"][1])
+    for name, st in states.items():
+        st["_bias2"] = 1.0 - beta2 ** int(meta["step"][name])
+    train = adam_normalise(store.matrix(), store, states, float(meta["eps"]))
+    query = adam_normalise(query_rows, store, states, float(meta["eps"]))
+    both = torch.from_numpy(np.concatenate([train, query]))
+    projected = dense_project(both, store.manifest["projection"]["seed"], method.rank).double().numpy()
+    train_p, query_p = projected[: len(train)], projected[len(train):]
+    r = (1 - method.mix) * (train_p.T @ train_p) / len(train_p) + method.mix * (query_p.T @ query_p) / len(query_p)
+    values, vectors = np.linalg.eigh(r)
+    values = np.clip(values, 0, None)
+    damping = 0.1 * values.mean() if method.damping == "auto" else float(method.damping)
+    whiten = (vectors / np.sqrt(values + damping)) @ vectors.T  # R^{-1/2}
+    t, q = train_p @ whiten, query_p @ whiten
+    t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-30)
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
+    return q @ t.T
+
+
+# ----------------------------------------------------------------------------------------- evaluation runs
+
+def run_lds(task: LdsTask, method: AttributionConfig, *, leave_out_percent: Sequence[float] = (),
+            random_draws: int = 1, n_bootstrap: int = 1000, progress: bool = True) -> dict:
+    """LDS of ``method`` on ``task`` (see ``dataworth.evaluate.lds_summary`` for the keys) plus, for each
+    ``p`` in ``leave_out_percent``, the leave-k-out test with ``k = round(p·N/100)``: per query, retrain
+    without its top-k rows vs without k random rows (``leave_out@p%_top_increase`` etc., see
+    ``evaluate.removal_summary``). Leave-k-out retrains one model per query and k: expensive, opt-in."""
+    started = time.perf_counter()
+    scores = attribution_scores(task, method, progress=progress)
+    score_s = time.perf_counter() - started
+    out = {"method": method.label(), **task.evaluate(scores, n_bootstrap=n_bootstrap),
+           "sign": "lds = Spearman(sum of scores of the included rows, -query loss); positive score = lowers loss",
+           "score_s": round(score_s, 2)}
+    for p in leave_out_percent:
+        if not 0 < p < 100:
+            raise InputError(f"--leave-out-percent: must be in (0, 100), got {p}")
+        k = max(1, int(round(p * len(task.train_ids) / 100)))
+        summary = removal_test(task, scores, k, range(len(task.query_ids)), random_draws, progress=progress)
+        out.update({f"leave_out@{p:g}%_{key}": value for key, value in summary.items()})
+    return out
+
+
+def removal_test(task: LdsTask, scores: np.ndarray, k: int, queries: Sequence[int], random_draws: int = 1,
+                 replicate: int = 0, *, progress: bool = True, trainer: Trainer | None = None) -> dict:
+    """For each query in ``queries``: retrain without its ``k`` top-scored rows and without ``k`` random rows
+    (``random_draws`` draws), and compare the *query's own* loss with the all-rows retrain
+    (``evaluate.removal_summary``; ``k`` is added to the result)."""
+    from dataworth.evaluate import removal_summary, top_k_rows
+
+    queries = list(queries)
+    if not 1 <= k < len(task.train_ids):
+        raise InputError(f"--k: must be in 1..{len(task.train_ids) - 1}, got {k}")
+    kw = {"progress": progress, "trainer": trainer}
+    base_all = full_losses(task, replicate, **kw)
+    top_rows = top_k_rows(scores, k)
+    base, top, rand = [], [], np.zeros((random_draws, len(queries)))
+    for j, q in enumerate(queries):
+        base.append(base_all[q])
+        top.append(removal_losses(task, top_rows[q], replicate, **kw)[q])
+        for d in range(random_draws):
+            rng = np.random.default_rng(derived_seed("random-removal", task.config.seed, q, k, d))
+            rand[d, j] = removal_losses(task, rng.choice(len(task.train_ids), k, replace=False), replicate, **kw)[q]
+    return {"k": k, **removal_summary(np.array(base), np.array(top), rand)}
+
+
+def run_brittleness(task: LdsTask, method: AttributionConfig, ks: Sequence[int] = (1, 2, 4), n_queries: int = 4,
+                    random_draws: int = 1, *, progress: bool = True) -> dict:
+    """Brittleness (Ilyas et al. 2022): for ``n_queries`` queries (a seeded sample) and each ``k`` in ``ks``,
+    the query-loss increase from removing the top-k attributed rows vs k random rows. Keys per k:
+    ``top_increase@k``, ``random_increase@k``, ``ratio@k``, ``top_beats_random@k``."""
+    if n_queries < 1:
+        raise InputError(f"--queries-sampled: must be >= 1, got {n_queries}")
+    rng = np.random.default_rng(derived_seed("brittleness-queries", task.config.seed))
+    chosen = sorted(rng.choice(len(task.query_ids), min(n_queries, len(task.query_ids)), replace=False).tolist())
+    scores = attribution_scores(task, method, progress=progress)
+    out: dict[str, Any] = {"method": method.label(), "queries_sampled": [task.query_ids[q] for q in chosen],
+                           "ks": list(ks)}
+    for k in ks:
+        summary = removal_test(task, scores, int(k), chosen, random_draws, progress=progress)
+        out.update({f"{key}@{k}": value for key, value in summary.items() if key != "k"})
+    return out
+
+
+def auto_queries(data_spec: str) -> str:
+    """``builtin:bios[?params]`` → ``builtin:bios:queries[?params]`` (the fact queries of the same world)."""
+    head, sep, params = data_spec.partition("?")
+    if head not in ("builtin:bios", "builtin:bios:train"):
+        raise InputError(f"--queries: required for --data '{data_spec}' (only builtin:bios has default queries)")
+    return "builtin:bios:queries" + sep + params
+
+
+def eval_lds(out_dir: str | os.PathLike, config: LdsConfig, method: AttributionConfig, **kwargs: Any) -> dict:
+    """``dataworth eval lds``: build (or resume) the task under ``out_dir`` and return `run_lds`'s figures."""
+    method.check()
+    progress = kwargs.pop("progress", True)
+    task = build_lds_task(out_dir, config, progress=progress)
+    out = run_lds(task, method, progress=progress, **kwargs)
+    out["retrain_s"] = round(task.seconds, 1)
+    return out
+
+
+def eval_brittleness(out_dir: str | os.PathLike, config: LdsConfig, method: AttributionConfig, **kwargs: Any) -> dict:
+    """``dataworth eval brittleness``: the task under ``out_dir`` (its LDS retrains are built too, since the
+    cache is one task) and `run_brittleness`'s figures."""
+    method.check()
+    progress = kwargs.pop("progress", True)
+    return run_brittleness(build_lds_task(out_dir, config, progress=progress), method, progress=progress, **kwargs)
+
+
+def eval_facts(model: str, data: str, queries: str, out_dir: str | os.PathLike, *, projection: str = "random",
+               rank: int = 32, curvatures: Sequence[str] = ("none", "ekfac"), modes: Sequence[str] = ("dot", "cosine"),
+               modules: str = "all", seed: int = 0, progress: bool = True) -> list[dict]:
+    """``dataworth eval facts``: recall@1/@10, strict recall@10 and MRR of the gold fact documents for each
+    (curvature, mode), with BM25 in the same table (``demo.fact_tracing_table``; 1-based ranks, ties by row
+    order). Extracts a store of ``model`` on ``data`` under ``out_dir/store`` (resumed when present)."""
+    from dataworth.curvature import check_kind
+    from dataworth.data import load_rows
+    from dataworth.demo import fact_tracing_table
+    from dataworth.extract import ExtractConfig, extract
+    from dataworth.models import load_model
+    from dataworth.scoring import check_mode
+
+    for kind in curvatures:
+        check_kind(kind)
+    for mode in modes:
+        check_mode(mode)
+    query_rows = load_rows(queries)
+    missing = [q for q in query_rows if "gold" not in q.data]
+    if missing:
+        raise InputError(f"{missing[0].source}: fact queries need a 'gold' list of training ids (builtin:bios:queries)")
+    store = extract(ExtractConfig(model=model, data=data, out=str(Path(out_dir) / "store"), modules=modules,
+                                  projection=projection, rank_in=rank, rank_out=rank, seed=seed, dtype="float32",
+                                  device="cpu", shard_rows=1024), progress=progress)
+    loaded = load_model(model, device="cpu")
+    documents = [r.data.get("text") or (r.prompt + r.response) for r in load_rows(data)]
+    return fact_tracing_table(store, loaded.model, loaded.tokenizer, query_rows, list(curvatures), list(modes),
+                              documents)

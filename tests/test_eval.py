@@ -1,0 +1,283 @@
+"""Evaluation by retraining: LDS and removal metrics on hand-computed cases, the retrain cache (resume,
+refusal of another configuration), the retrain loop against `dataworth.train`, and the `dataworth eval` CLI.
+
+Most tests use a closed-form toy "trainer" whose query losses are exactly linear in the included rows
+(``loss_q(S) = c − Σ_{n∈S} τ[q, n] + noise``): the true attribution is then ``τ`` and its LDS must be ~1.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings, strategies as st
+
+from dataworth.errors import InputError
+from dataworth.evaluate import (
+    bootstrap_interval,
+    lds,
+    lds_summary,
+    noise_ceiling,
+    removal_summary,
+    subset_predictions,
+    top_k_rows,
+)
+from dataworth.retrain import (
+    MIN_SUBSETS,
+    LdsConfig,
+    build_lds_task,
+    load_lds_task,
+    removal_test,
+    subset_masks,
+)
+
+WORLD = "?people=3&distractors=2"  # 3 people × 3 docs + 2 distractors = 11 rows, 15 queries
+N_ROWS, N_QUERIES = 11, 15
+
+
+# ------------------------------------------------------------------------------------------- pure metrics
+
+def test_lds_hand_computed_spearman():
+    scores = np.array([[1.0, 2.0, 3.0]])
+    masks = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=bool)
+    assert subset_predictions(scores, masks)[:, 0].tolist() == [1, 2, 3, 6]
+    # −loss ranks [2, 1, 3, 4] vs prediction ranks [1, 2, 3, 4]: Σd² = 2 → ρ = 1 − 6·2/(4·15) = 0.8
+    losses = -np.array([[2.0], [1.0], [3.0], [4.0]])
+    assert lds(scores, masks, losses)[0] == pytest.approx(0.8)
+    # Lower loss where the prediction is higher is agreement (+1); the flipped sign is −1.
+    losses = np.array([[4.0], [3.0], [2.0], [1.0]])
+    assert lds(scores, masks, losses)[0] == pytest.approx(1.0)
+    assert lds(-scores, masks, losses)[0] == pytest.approx(-1.0)
+
+
+def test_lds_averages_replicates_and_is_nan_for_constant_predictions():
+    scores = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    masks = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], dtype=bool)
+    a = np.array([[5.0, 1], [4, 2], [1, 3], [3, 4]])
+    b = np.array([[5.0, 1], [2, 2], [3, 3], [1, 4]])
+    per_query = lds(scores, masks, np.stack([a, b]))
+    np.testing.assert_allclose(per_query[0], lds(scores, masks, (a + b) / 2)[0])
+    assert np.isnan(per_query[1])
+    summary = lds_summary(scores, masks, np.stack([a, b]), n_bootstrap=50)
+    assert summary["lds_undefined"] == 1 and summary["lds"] == pytest.approx(per_query[0])
+
+
+def test_noise_ceiling_hand_computed():
+    a = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
+    b = np.array([[10.0, 4.0], [20.0, 3.0], [40.0, 1.0], [30.0, 2.0]])
+    ceiling = noise_ceiling(a, b)
+    assert ceiling[0] == pytest.approx(0.8)  # ranks [1,2,4,3]: Σd² = 2
+    assert ceiling[1] == pytest.approx(-0.8)  # ranks [4,3,1,2] vs [1,2,3,4]: Σd² = 18 → 1 − 108/60
+    assert np.isnan(lds_summary(np.ones((2, 3)), np.eye(3, dtype=bool)[[0, 1, 2, 0]], a)["noise_ceiling"])
+
+
+def test_bootstrap_interval_matches_a_plain_loop_and_brackets_the_mean():
+    values = np.array([0.1, 0.5, 0.2, 0.9, np.nan, 0.4])
+    lo, hi = bootstrap_interval(values, n=200, seed=3)
+    finite = values[np.isfinite(values)]
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, finite.size, size=(200, finite.size))
+    means = [finite[row].mean() for row in idx]
+    assert (lo, hi) == (pytest.approx(np.quantile(means, 0.025)), pytest.approx(np.quantile(means, 0.975)))
+    assert lo <= finite.mean() <= hi
+    assert bootstrap_interval(np.full(5, 0.3)) == (pytest.approx(0.3), pytest.approx(0.3))
+    assert all(np.isnan(bootstrap_interval(np.array([np.nan]))))
+
+
+def test_removal_summary_hand_computed():
+    base = np.array([1.0, 2.0])
+    top = np.array([3.0, 2.5])  # increases 2.0, 0.5
+    random = np.array([[1.5, 2.0], [0.5, 3.0]])  # per query mean increase: 0.0, 0.5
+    s = removal_summary(base, top, random)
+    assert s["top_increase"] == pytest.approx(1.25)
+    assert s["random_increase"] == pytest.approx(0.25)
+    assert s["ratio"] == pytest.approx(5.0)
+    assert s["top_beats_random"] == pytest.approx(0.5)  # query 1 ties: not a win
+
+
+def test_top_k_rows_breaks_ties_by_row_order():
+    assert top_k_rows(np.array([[0.5, 0.9, 0.5, 0.1]]), 3).tolist() == [[1, 0, 2]]
+
+
+@given(st.integers(2, 60), st.floats(0.01, 0.99), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_subset_masks_have_exact_size_and_are_reproducible(n, alpha, seed):
+    masks = subset_masks(n, alpha, MIN_SUBSETS, seed)
+    assert masks.shape == (MIN_SUBSETS, n)
+    assert (masks.sum(axis=1) == min(n, max(1, round(alpha * n)))).all()
+    assert np.array_equal(masks, subset_masks(n, alpha, MIN_SUBSETS, seed))
+
+
+# ----------------------------------------------------------------------------------------- config errors
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.2, 1.5])
+def test_alpha_outside_open_unit_interval_is_refused(alpha):
+    with pytest.raises(InputError, match="--alpha"):
+        _config(alpha=alpha)
+
+
+def test_too_few_subsets_are_refused_with_the_minimum():
+    with pytest.raises(InputError, match=f"minimum is {MIN_SUBSETS}"):
+        _config(subsets=MIN_SUBSETS - 1)
+
+
+# ------------------------------------------------------------------------------------ cache with a toy
+
+def _config(**overrides):
+    from dataworth.train import TrainConfig
+
+    fields = dict(data="builtin:bios" + WORLD, queries="builtin:bios:queries" + WORLD,
+                  train=TrainConfig.from_preset("tiny-test", epochs=1), subsets=MIN_SUBSETS, replicates=2)
+    return LdsConfig(**(fields | overrides))
+
+
+TAU = np.random.default_rng(0).normal(size=(N_QUERIES, N_ROWS))
+
+
+class ToyTrainer:
+    """Query losses exactly linear in the included rows, plus seeded noise; counts its calls."""
+
+    def __init__(self, noise: float = 0.01):
+        self.noise, self.calls = noise, 0
+
+    def __call__(self, included, seed):
+        self.calls += 1
+        jitter = np.random.default_rng(seed).normal(scale=self.noise, size=N_QUERIES)
+        return 10.0 - TAU[:, included].sum(axis=1) + jitter, 0.0
+
+
+def test_true_attribution_scores_lds_near_one_and_flipped_sign_near_minus_one(tmp_path):
+    task = build_lds_task(tmp_path / "t", _config(), trainer=ToyTrainer(), progress=False)
+    assert task.losses.shape == (2, MIN_SUBSETS, N_QUERIES) and task.masks.shape == (MIN_SUBSETS, N_ROWS)
+    good, bad = task.evaluate(TAU), task.evaluate(-TAU)
+    assert good["lds"] > 0.95 and bad["lds"] < -0.95
+    assert good["lds_ci_low"] <= good["lds"] <= good["lds_ci_high"]
+    assert good["noise_ceiling"] > 0.95
+
+
+def test_noise_ceiling_drops_when_training_noise_dominates(tmp_path):
+    task = build_lds_task(tmp_path / "t", _config(), trainer=ToyTrainer(noise=100.0), progress=False)
+    assert task.evaluate(TAU)["noise_ceiling"] < 0.6
+
+
+def test_killed_run_resumes_without_retraining_finished_subsets(tmp_path):
+    first = ToyTrainer()
+    assert build_lds_task(tmp_path / "t", _config(), trainer=first, progress=False, stop_after=5) is None
+    assert first.calls == 5
+    files = sorted((tmp_path / "t" / "retrains").glob("subset-*.json"))
+    assert len(files) == 5 and not list((tmp_path / "t" / "retrains").glob("*.tmp-*"))
+    second = ToyTrainer()
+    task = build_lds_task(tmp_path / "t", _config(), trainer=second, progress=False)
+    assert second.calls == 2 * MIN_SUBSETS - 5 + 1  # the rest, plus the all-rows base measurement
+    fresh = build_lds_task(tmp_path / "fresh", _config(), trainer=ToyTrainer(), progress=False)
+    np.testing.assert_array_equal(task.losses, fresh.losses)
+    record = json.loads(files[0].read_text())
+    assert set(record) >= {"included", "seed", "losses"} and len(record["losses"]) == N_QUERIES
+    np.testing.assert_array_equal(load_lds_task(tmp_path / "t", _config()).losses, task.losses)
+
+
+@pytest.mark.parametrize("change, key", [({"alpha": 0.25}, "alpha"), ({"seed": 1}, "seed"),
+                                         ({"subsets": MIN_SUBSETS + 1}, "subsets")])
+def test_cache_from_another_configuration_is_refused_naming_the_key(tmp_path, change, key):
+    build_lds_task(tmp_path / "t", _config(), trainer=ToyTrainer(), progress=False, stop_after=1)
+    with pytest.raises(InputError, match=rf"cache\.json: retrain cache was made with {key}="):
+        build_lds_task(tmp_path / "t", _config(**change), trainer=ToyTrainer(), progress=False)
+
+
+def test_other_training_config_is_refused_naming_the_field(tmp_path):
+    from dataworth.train import TrainConfig
+
+    build_lds_task(tmp_path / "t", _config(), trainer=ToyTrainer(), progress=False, stop_after=1)
+    with pytest.raises(InputError, match=r"train\.epochs="):
+        build_lds_task(tmp_path / "t", _config(train=TrainConfig.from_preset("tiny-test", epochs=2)),
+                       trainer=ToyTrainer(), progress=False)
+
+
+def test_tampered_retrain_file_and_foreign_directory_are_refused(tmp_path):
+    build_lds_task(tmp_path / "t", _config(), trainer=ToyTrainer(), progress=False, stop_after=1)
+    path = tmp_path / "t" / "retrains" / "subset-000-r0.json"
+    record = json.loads(path.read_text())
+    record["included"] = record["included"][1:]
+    path.write_text(json.dumps(record))
+    with pytest.raises(InputError, match="subset-000-r0.json"):
+        build_lds_task(tmp_path / "t", _config(), trainer=ToyTrainer(), progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="no cache.json"):
+        build_lds_task(tmp_path / "other", _config(), trainer=ToyTrainer(), progress=False)
+    build_lds_task(tmp_path / "partial", _config(), trainer=ToyTrainer(), progress=False, stop_after=1)
+    with pytest.raises(InputError, match="incomplete"):
+        load_lds_task(tmp_path / "partial", _config())
+
+
+def test_removing_the_true_top_rows_hurts_more_than_random(tmp_path):
+    trainer = ToyTrainer(noise=0.0)
+    task = build_lds_task(tmp_path / "t", _config(), trainer=trainer, progress=False)
+    summary = removal_test(task, TAU, 2, range(N_QUERIES), random_draws=2, progress=False, trainer=trainer)
+    # Removing rows n raises loss_q by Σ τ[q, n]: the top-2 by τ are exactly the largest possible increases.
+    top2 = np.sort(TAU, axis=1)[:, -2:].sum(axis=1)
+    assert summary["top_increase"] == pytest.approx(top2.mean())
+    assert summary["top_beats_random"] == 1.0 and summary["top_increase"] > summary["random_increase"]
+    calls = trainer.calls
+    removal_test(task, TAU, 2, range(N_QUERIES), random_draws=2, progress=False, trainer=trainer)
+    assert trainer.calls == calls  # every removal retrain came from the cache
+
+
+# --------------------------------------------------------------------------------- real training (small)
+
+def test_retrain_on_all_rows_with_the_base_seed_reproduces_dataworth_train(tmp_path):
+    import torch
+
+    from dataworth.data import encode_rows, load_rows
+    from dataworth.models import load_model
+    from dataworth.retrain import train_on_rows
+    from dataworth.train import TrainConfig, train
+
+    cfg = TrainConfig.from_preset("tiny-test", epochs=1)
+    spec = "builtin:bios?people=2&distractors=1"
+    train(spec, tmp_path / "m", cfg, queries_spec=None, progress=False)
+    loaded = load_model(str(tmp_path / "m"), device="cpu")
+    encoded, _ = encode_rows(load_rows(spec), loaded.tokenizer, max_length=cfg.max_length)
+    model, _ = train_on_rows(encoded, loaded.tokenizer, cfg, cfg.seed)
+    expected, got = loaded.model.state_dict(), model.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+def _cli(*args):
+    from dataworth.cli import cli
+
+    return CliRunner().invoke(cli, ["eval", *args])
+
+
+@pytest.mark.parametrize("args, needle", [(["--alpha", "1"], "--alpha"), (["--subsets", "3"], "minimum is 8"),
+                                          (["--data", "x.jsonl"], "--queries")])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    result = _cli("lds", "--out", str(tmp_path / "o"), *args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and result.output.count("\n") == 1
+
+
+def test_cli_help_shows_examples():
+    for sub in ("lds", "facts", "brittleness"):
+        result = _cli(sub, "--help")
+        assert result.exit_code == 0 and "dataworth eval " + sub in result.output
+
+
+@pytest.mark.slow
+def test_cli_lds_and_facts_end_to_end(tmp_path):
+    """Real retrains on a 11-row world (16 retrains of 1 epoch): figures printed and written with their keys."""
+    out, figures = tmp_path / "lds", tmp_path / "lds.json"
+    result = _cli("lds", "--out", str(out), "--data", "builtin:bios" + WORLD, "--epochs", "2", "--subsets", "8",
+                  "--replicates", "2", "--curvature", "kfac", "--quiet", "--json", str(figures))
+    assert result.exit_code == 0, result.output
+    data = json.loads(figures.read_text())
+    for key in ("lds", "lds_ci_low", "lds_ci_high", "noise_ceiling"):
+        assert f"{key}: " in result.output and np.isfinite(data[key])
+    facts_json = tmp_path / "facts.json"
+    result = _cli("facts", "--model", str(out / "model"), "--data", "builtin:bios" + WORLD, "--out",
+                  str(tmp_path / "facts"), "--curvature", "none", "--mode", "dot", "--quiet", "--json", str(facts_json))
+    assert result.exit_code == 0, result.output
+    facts = json.loads(facts_json.read_text())
+    assert {"recall@1", "recall@10", "mrr"} <= set(facts) and "BM25" in result.output
