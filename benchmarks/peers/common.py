@@ -1,0 +1,168 @@
+"""What every attribution adapter of ``benchmarks/peers.py`` shares: one task, one loss, one output format.
+
+Why a module of its own: a comparison is only fair when every method sees the *same* model, the *same*
+token ids and loss masks, and the *same* per-example loss — summed over the example's target tokens
+(``dataworth.batching.example_losses``), never averaged. Each adapter (``run_<method>.py``) runs in its own
+process (so its peak RSS is its own) and only turns that shared task into its library's calls.
+
+This file imports dataworth, torch and numpy only, so it works both in the project's ``.venv`` and in
+``benchmarks/_peers_venv`` (where dataworth is installed editable beside the peer libraries).
+
+Output of an adapter, in ``--out``::
+
+    scores.npy    [Q, N] float32, rows = query order, columns = training order of the JSONL files.
+                  Sign convention (dataworth's): a POSITIVE score means up-weighting that training example
+                  LOWERS the query's loss. Each adapter says in a comment why its library needs (or not) a flip.
+    timing.json   {"method", "fit_s" (extraction + fitting), "score_s", "peak_rss_mib", "notes", ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dataworth.batching import Encoded, collate, example_losses
+
+
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    """The common adapter flags (``--model --train --queries --out``) plus ``extra(parser)``'s."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True, help="HF model directory (the model being attributed)")
+    ap.add_argument("--train", required=True, help="training rows, JSONL (text rows)")
+    ap.add_argument("--queries", required=True, help="query rows, JSONL (prompt/response rows)")
+    ap.add_argument("--out", required=True, help="output directory: scores.npy, timing.json")
+    ap.add_argument("--max-length", type=int, default=256, help="token limit per row (as in training)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the same for every method)")
+    ap.add_argument("--modules", default="all", help="dataworth.logging.select_modules spec of the watched layers")
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # sampled Fisher labels (Kronfluence), LoRA init (LogIX), projections: repeatable runs
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return args
+
+
+@dataclass
+class PeerTask:
+    """The loaded task: model (eval mode, CPU, float32), tokenizer, rows and their encodings."""
+
+    model: Any
+    tokenizer: Any
+    train_rows: list
+    query_rows: list
+    train: list[Encoded]
+    queries: list[Encoded]
+    pad_id: int
+    module_names: list[str]
+
+    @property
+    def train_ids(self) -> list[str]:
+        return [e.id for e in self.train]
+
+    @property
+    def query_ids(self) -> list[str]:
+        return [e.id for e in self.queries]
+
+
+def load_task(args: argparse.Namespace) -> PeerTask:
+    """Model, tokenizer and encoded rows exactly as dataworth's own stages build them."""
+    from dataworth.data import encode_rows, load_rows
+    from dataworth.logging import select_modules
+    from dataworth.models import load_model
+
+    loaded = load_model(args.model, device="cpu")
+    model = loaded.model.float().eval()
+    train_rows, query_rows = load_rows(args.train), load_rows(args.queries)
+    train, _ = encode_rows(train_rows, loaded.tokenizer, max_length=args.max_length)
+    queries, _ = encode_rows(query_rows, loaded.tokenizer, max_length=args.max_length)
+    pad = loaded.tokenizer.pad_token_id
+    pad_id = int(pad if pad is not None else loaded.tokenizer.eos_token_id)
+    names = [n for n, _ in select_modules(model, args.modules)]
+    return PeerTask(model, loaded.tokenizer, train_rows, query_rows, train, queries, pad_id, names)
+
+
+def batch_dict(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of ``rows`` (``dataworth.batching.collate``) as a plain dict, which every peer's
+    data loader moves between devices without knowing our types."""
+    b = collate(list(rows), list(range(len(rows))), pad_id)
+    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "loss_mask": b.loss_mask}
+
+
+def ordered_batches(rows: Sequence[Encoded], pad_id: int, batch_size: int) -> Iterator[tuple[list[int], dict]]:
+    """``(positions, batch)`` in dataset order (no length sorting, so positions are contiguous)."""
+    for start in range(0, len(rows), batch_size):
+        pos = list(range(start, min(start + batch_size, len(rows))))
+        yield pos, batch_dict([rows[i] for i in pos], pad_id)
+
+
+class _LossBatch:
+    """The attribute view ``dataworth.batching.token_losses`` reads (input_ids, loss_mask)."""
+
+    def __init__(self, batch: dict):
+        self.input_ids = batch["input_ids"]
+        self.loss_mask = batch["loss_mask"]
+
+
+def summed_losses(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``[B]``: each example's loss summed over its target tokens — the one loss every method uses."""
+    return example_losses(logits, _LossBatch(batch))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process plus its waited-for children, MiB (``ru_maxrss`` is KiB on Linux)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024.0
+
+
+class Stopwatch:
+    """Named wall-clock phases: ``with clock("fit"): ...`` adds the seconds to ``clock.seconds["fit"]``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+
+    def __call__(self, name: str) -> "Stopwatch":
+        self._name = name
+        return self
+
+    def __enter__(self) -> "Stopwatch":
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0
+
+
+def write_result(out: str | os.PathLike, method: str, scores: np.ndarray, clock: Stopwatch, task: PeerTask,
+                 notes: str = "", **extra: Any) -> None:
+    """Write ``scores.npy`` ([Q, N] float32) and ``timing.json`` atomically (tmp + ``os.replace``)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    expected = (len(task.queries), len(task.train))
+    if scores.shape != expected:
+        raise ValueError(f"{method}: scores have shape {scores.shape}, expected [Q, N] = {expected}")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{method}: {int((~np.isfinite(scores)).sum())} non-finite scores")
+    out = Path(out)
+    tmp = out / f"scores.npy.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        np.save(fh, scores)
+    os.replace(tmp, out / "scores.npy")
+    timing = {"method": method, "fit_s": clock.seconds.get("fit", 0.0), "score_s": clock.seconds.get("score", 0.0),
+              "load_s": clock.seconds.get("load", 0.0), "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "rows": len(task.train), "queries": len(task.queries),
+              "modules": len(task.module_names), "notes": notes, **extra}
+    tmp = out / f"timing.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(timing, indent=1) + "\n")
+    os.replace(tmp, out / "timing.json")
