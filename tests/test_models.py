@@ -169,3 +169,6 @@ def test_smollm2_gguf_q4_1_dequantizes_to_a_float32_llama():
     assert 130e6 < sum(p.numel() for p in loaded.model.parameters()) < 140e6
     assert loaded.tokenizer.chat_template and loaded.tokenizer.eos_token == "<|im_end|>"
     assert loaded.fingerprint == model_fingerprint(loaded.model)
+    # fully de-quantized, so the "quantized with gguf" marker is gone and the model can be saved/trained
+    assert getattr(loaded.model, "hf_quantizer", None) is None
+    assert not hasattr(loaded.model.config, "quantization_config")

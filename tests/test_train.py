@@ -232,6 +232,18 @@ def test_lora_finetune_saves_adapter_and_lora_only_optimizer_state(trained, tmp_
     assert (result.out_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_lora_unmerged_output_is_the_adapter_itself(trained, tmp_path):
+    base, _ = trained
+    config = TrainConfig.from_preset("tiny-test", base=str(base.out_dir), lora=True, epochs=1, lr=1e-3,
+                                     lora_targets=("o_proj",), merge_lora=False)
+    result = train(DATA, tmp_path / "adapter", config, queries_spec=None, progress=False)
+    assert (result.out_dir / "adapter_config.json").is_file() and not (result.out_dir / "model.safetensors").exists()
+    final = load_model(result.out_dir, device="cpu")
+    last = load_model(result.checkpoints[-1], device="cpu")
+    assert type(final.model).__name__ == "PeftModelForCausalLM"
+    assert final.fingerprint == last.fingerprint == result.fingerprint
+
+
 def test_lora_without_base_is_input_error():
     with pytest.raises(InputError, match="--base"):
         TrainConfig.from_preset("tiny-test", lora=True)

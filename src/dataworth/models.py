@@ -175,7 +175,27 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation=attn)
     except (ValueError, OSError, KeyError) as exc:
         raise InputError(f"model '{path}': cannot load GGUF file ({type(exc).__name__}: {exc})".replace("\n", " ")) from exc
+    _forget_dequantized_gguf(model)
     return model, tokenizer
+
+
+def _forget_dequantized_gguf(model: Any) -> None:
+    """Drop transformers' "quantized with gguf" marker when the weights were fully de-quantized.
+
+    Without ``kernels`` (always on CPU) transformers unpacks every GGUF block into plain float ``nn.Linear``
+    weights but keeps the quantizer attached, which makes ``save_pretrained`` refuse ("not serializable")
+    and marks the model untrainable. Only when no parameter is left quantized is the marker removed.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    packed = any("gguf" in type(module).__name__.lower() for module in model.modules())
+    if packed or not all(p.is_floating_point() for p in model.parameters()):
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _load_hf_cache(model_id: str, dtype: torch.dtype, attn: str):

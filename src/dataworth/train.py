@@ -15,7 +15,7 @@ Outputs of ``train(data, out, config)``::
 
     out/                          normal HF model dir: config.json, model.safetensors, tokenizer files
     out/dataworth_train.json      config, data spec, per-epoch loss and average lr, fingerprints, accuracy
-    out/adapter/                  (LoRA only) the unmerged adapter; ``out/`` then holds the merged model
+    out/adapter/                  (LoRA, merge_lora) the unmerged adapter; ``out/`` holds the merged model
     out/checkpoints/epoch-N/      model (full) or adapter (LoRA) weights + tokenizer
         optimizer.safetensors     "<param name>.exp_avg", "<param name>.exp_avg_sq" (float32)
         optimizer.json            {"kind": "adamw", "betas", "eps", "weight_decay", "lr", "step": {name: n}}
@@ -111,7 +111,9 @@ class TrainConfig:
     Architecture (from-scratch mode only): ``arch`` is ``"llama"`` or ``"gpt_neox"``; ``vocab_size`` is the
     BPE vocabulary trained on the corpus. Fine-tuning: ``base`` is a model spec (see ``models.load_model``);
     its tokenizer is kept and the architecture fields are ignored; ``lora=True`` trains only LoRA adapters
-    on ``lora_targets`` (module-name suffixes). ``max_length=None`` keeps whole rows. ``threads``: torch
+    on ``lora_targets`` (module-name suffixes); ``merge_lora=True`` makes ``out/`` the merged model (a normal
+    HF dir) with the adapter in ``out/adapter``, ``False`` makes ``out/`` the adapter itself (saves a full
+    copy of the base when only adapters are needed). ``max_length=None`` keeps whole rows. ``threads``: torch
     CPU threads during training (``None``: leave torch's default); the tiny presets use 1 because their
     matrices are too small to gain from intra-op parallelism, and on a busy machine spinning OpenMP
     threads made a step up to 10x slower (measured).
@@ -145,6 +147,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    merge_lora: bool = True
     device: str = "auto"
     threads: int | None = None
 
@@ -564,14 +567,15 @@ def _save_checkpoint(model, tokenizer, optimizer, ckpt: Path, state: dict) -> No
 def _save_final(model, tokenizer, out: Path, config: TrainConfig, base_spec: str | None, record: dict) -> str:
     """Write the model dir next to ``out``, then swap it in; returns the saved model's fingerprint.
 
-    LoRA: ``out/adapter`` holds the unmerged adapter and ``out`` the merged model, so ``out`` is a normal
-    HF directory (``AutoModelForCausalLM.from_pretrained(out)`` works) whatever the base spec was.
+    LoRA with ``merge_lora``: ``out/adapter`` holds the unmerged adapter and ``out`` the merged model, so
+    ``out`` is a normal HF directory (``AutoModelForCausalLM.from_pretrained(out)`` works) whatever the base
+    spec was. Without: ``out`` is the adapter (``models.load_model(out)`` rebuilds base + adapter).
     """
     from dataworth.models import model_fingerprint, tokenizer_fingerprint
 
     staging = out.with_name(out.name + _TMP_SUFFIX)
     staging.mkdir(parents=True, exist_ok=True)
-    if config.lora:
+    if config.lora and config.merge_lora:
         model.save_pretrained(staging / "adapter")
         tokenizer.save_pretrained(staging / "adapter")
         record["adapter_fingerprint"] = model_fingerprint(model)
