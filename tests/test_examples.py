@@ -63,3 +63,11 @@ def test_trainer_capture_equals_extract_at_fixed_weights_and_traces_facts(tmp_pa
     figures = hf_trainer_callback.main(["--people", "8", "--epochs", "25", "--out", str(tmp_path / "s")])
     assert figures["rows"] == 16
     assert figures["recall@1"] >= 0.5, capsys.readouterr().out
+
+
+def test_api_reference_documents_every_public_name():
+    import dataworth as dw
+
+    text = (EXAMPLES.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [name for name in dw.__all__ if f"**`dw.{name}" not in text]
+    assert not missing, f"docs/api.md lacks an entry for {missing}"

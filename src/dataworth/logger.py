@@ -121,6 +121,7 @@ class WatchConfig:
 
 
 def check_reduction(reduction: str) -> str:
+    """``sum`` or ``mean``, else an `InputError` naming the allowed values."""
     if reduction not in LOSS_REDUCTIONS:
         raise InputError(f"loss_reduction: must be one of {', '.join(LOSS_REDUCTIONS)}, got {reduction!r}")
     return reduction
