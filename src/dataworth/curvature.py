@@ -52,6 +52,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from dataworth.distributed import SINGLE, DistContext, all_reduce_arrays, all_reduce_count, iter_owned_blocks
 from dataworth.errors import InputError
 
 CURVATURE_KINDS = ("none", "raw", "kfac", "ekfac")
@@ -319,8 +320,12 @@ def resolve_damping(spec: DampingSpec, mean_eigenvalue: float) -> float:
     return auto if auto > 0 else ZERO_CURVATURE_DAMPING
 
 
-def second_moments(blocks: Iterable[np.ndarray], modules: Sequence) -> tuple[list[np.ndarray], int]:
-    """``(1/N) Σ_n vec(Ĝ_n) vec(Ĝ_n)ᵀ`` per module (``[D_m, D_m]`` float64) from row blocks, and ``N``."""
+def second_moments(blocks: Iterable[np.ndarray], modules: Sequence, ctx: DistContext = SINGLE
+                   ) -> tuple[list[np.ndarray], int]:
+    """``(1/N) Σ_n vec(Ĝ_n) vec(Ĝ_n)ᵀ`` per module (``[D_m, D_m]`` float64) from row blocks, and ``N``.
+
+    Distributed (``ctx``): each rank's blocks are its own rows; the sums and ``N`` are all-reduced before
+    the division, so every rank gets the moments of the whole store."""
     sums = [np.zeros((m.size, m.size)) for m in modules]
     n = 0
     for block in blocks:
@@ -329,15 +334,20 @@ def second_moments(blocks: Iterable[np.ndarray], modules: Sequence) -> tuple[lis
         for acc, m in zip(sums, modules):
             g = block[:, m.offset : m.offset + m.size].astype(np.float64)
             acc += g.T @ g
+            del g
+        del block  # before the next block is read: one block alive at a time (memory budget)
+    sums, n = all_reduce_arrays(ctx, sums), all_reduce_count(ctx, n)
     if n == 0:
         raise InputError("store has no rows: nothing to fit curvature on")
     return [s / n for s in sums], n
 
 
 def kronecker_eigenvalue_fit(
-    blocks: Iterable[np.ndarray], modules: Sequence, bases: Sequence[tuple[np.ndarray, np.ndarray]]
+    blocks: Iterable[np.ndarray], modules: Sequence, bases: Sequence[tuple[np.ndarray, np.ndarray]],
+    ctx: DistContext = SINGLE,
 ) -> tuple[list[np.ndarray], int]:
-    """EKFAC eigenvalues ``Λ[o, i] = (1/N) Σ_n (Q_Sᵀ Ĝ_n Q_A)[o, i]²`` per module, from row blocks, and ``N``."""
+    """EKFAC eigenvalues ``Λ[o, i] = (1/N) Σ_n (Q_Sᵀ Ĝ_n Q_A)[o, i]²`` per module, from row blocks, and ``N``
+    (sums and ``N`` all-reduced over ranks, as in `second_moments`)."""
     sums = [np.zeros((m.k_out, m.k_in)) for m in modules]
     n = 0
     for block in blocks:
@@ -346,15 +356,42 @@ def kronecker_eigenvalue_fit(
         for acc, m, (q_s, q_a) in zip(sums, modules, bases):
             grads = as_matrices(block[:, m.offset : m.offset + m.size].astype(np.float64), m)
             acc += np.square(q_s.T @ grads @ q_a).sum(axis=0)
+            del grads
+        del block  # one block alive at a time (memory budget)
+    sums, n = all_reduce_arrays(ctx, sums), all_reduce_count(ctx, n)
     if n == 0:
         raise InputError("store has no rows: nothing to fit curvature on")
     return [s / n for s in sums], n
 
 
-def _row_blocks(store, block_rows: int) -> Iterator[np.ndarray]:
-    """Store rows in order, ``[B, D]`` blocks (the store's own dtype; callers upcast per module)."""
-    for _start, block in store.iter_blocks(block_rows):
+def _row_blocks(store, block_rows: int, ctx: DistContext = SINGLE) -> Iterator[np.ndarray]:
+    """Store rows in order, ``[B, D]`` float32 blocks (callers upcast per module); only this rank's shards."""
+    for _start, block in iter_owned_blocks(store, block_rows, ctx):
         yield block
+
+
+def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:
+    """Rows per block so that one block's buffers fit in ``memory_budget_mb`` MiB while fitting ``kind``.
+
+    Accounted per row (bytes): ``8·D`` (float32 block + raw-to-float32 temporary) + ``32·D_max`` (float64
+    upcast of the largest module and, for ekfac, the rotated ``Q_Sᵀ Ĝ Q_A`` products and their squares).
+    Fixed, whatever the store size, and taken off the budget first: three float64 copies of the
+    accumulators (``Σ_m D_m²`` for raw, ``Σ_m k_out·k_in`` plus the eigenbases for ekfac). Too small for
+    the fixed part plus one row → InputError naming ``--memory-budget`` and the minimum.
+    """
+    d_max = max((m.size for m in store.modules), default=store.dim)
+    per_row = 8 * store.dim + 32 * d_max
+    if kind == "raw":
+        fixed = 3 * 8 * sum(m.size * m.size for m in store.modules)
+    elif kind == "ekfac":
+        fixed = 3 * 8 * sum(m.size + m.k_out * m.k_out + m.k_in * m.k_in for m in store.modules)
+    else:
+        fixed = 0
+    rows = int((float(memory_budget_mb) * 2**20 - fixed) // per_row)
+    if rows < 1:
+        raise InputError(f"--memory-budget {memory_budget_mb} MiB is too small to fit {kind} on rows of "
+                         f"{store.dim} columns; at least {(fixed + per_row) / 2**20:.3f} MiB is needed")
+    return rows
 
 
 def _check_module_sizes(kind: str, modules: Sequence) -> None:
@@ -396,10 +433,11 @@ def fit_none(store, spec: DampingSpec) -> list[ModuleCurvature]:
     return [ModuleCurvature(m.name, m.k_out, m.k_in, m.offset, 0.0, m.layout) for m in store.modules]
 
 
-def fit_raw(store, spec: DampingSpec, block_rows: int = DEFAULT_BLOCK_ROWS) -> list[ModuleCurvature]:
+def fit_raw(store, spec: DampingSpec, block_rows: int = DEFAULT_BLOCK_ROWS, ctx: DistContext = SINGLE
+            ) -> list[ModuleCurvature]:
     """Exact projected empirical Fisher per module, ``F = (1/N) Σ_n ĝ_n ĝ_nᵀ``, eigendecomposed (float64)."""
     _check_module_sizes("raw", store.modules)
-    moments, _n = second_moments(_row_blocks(store, block_rows), store.modules)
+    moments, _n = second_moments(_row_blocks(store, block_rows, ctx), store.modules, ctx)
     fitted = []
     for m, fisher in zip(store.modules, moments):
         vals, vecs = eigh_psd(fisher)
@@ -425,14 +463,15 @@ def fit_kfac(store, spec: DampingSpec) -> list[ModuleCurvature]:
     return fitted
 
 
-def fit_ekfac(store, spec: DampingSpec, block_rows: int = DEFAULT_BLOCK_ROWS) -> list[ModuleCurvature]:
+def fit_ekfac(store, spec: DampingSpec, block_rows: int = DEFAULT_BLOCK_ROWS, ctx: DistContext = SINGLE
+              ) -> list[ModuleCurvature]:
     """EKFAC: KFAC eigenbasis, eigenvalues ``Λ = (1/N) Σ_n (Q_Sᵀ Ĝ_n Q_A)²`` re-fitted from the stored rows."""
     factors = load_kfac_factors(store)
     bases = []
     for m in store.modules:
         s, a = factors[m.name]
         bases.append((eigh_psd(s)[1], eigh_psd(a)[1]))
-    eigvals, _n = kronecker_eigenvalue_fit(_row_blocks(store, block_rows), store.modules, bases)
+    eigvals, _n = kronecker_eigenvalue_fit(_row_blocks(store, block_rows, ctx), store.modules, bases, ctx)
     fitted = []
     for m, (q_s, q_a), lam in zip(store.modules, bases, eigvals):
         damping = resolve_damping(spec, float(lam.mean()))
@@ -441,21 +480,29 @@ def fit_ekfac(store, spec: DampingSpec, block_rows: int = DEFAULT_BLOCK_ROWS) ->
     return fitted
 
 
-def fit_curvature(store, kind: str, damping="auto", block_rows: int = DEFAULT_BLOCK_ROWS) -> Curvature:
-    """Fit ``kind`` on an open store (no saving): see the module docstring for each formula."""
+def fit_curvature(store, kind: str, damping="auto", block_rows: int = DEFAULT_BLOCK_ROWS, *,
+                  memory_budget_mb: float | None = None, dist: DistContext | None = None) -> Curvature:
+    """Fit ``kind`` on an open store (no saving): see the module docstring for each formula.
+
+    ``memory_budget_mb``: pick ``block_rows`` with `fit_block_rows` (overrides ``block_rows``). ``dist``: ranks
+    that all call this stream only their own shards and all-reduce the sums (same result on every rank).
+    """
     check_kind(kind)
     spec = parse_damping(damping)
+    ctx = dist or SINGLE
+    if memory_budget_mb is not None:
+        block_rows = fit_block_rows(memory_budget_mb, store, kind)
     if block_rows < 1:
         raise InputError(f"block_rows must be >= 1, got {block_rows}")
     started = time.perf_counter()
     if kind == "none":
         modules = fit_none(store, spec)
     elif kind == "raw":
-        modules = fit_raw(store, spec, block_rows)
+        modules = fit_raw(store, spec, block_rows, ctx)
     elif kind == "kfac":
         modules = fit_kfac(store, spec)
     else:
-        modules = fit_ekfac(store, spec, block_rows)
+        modules = fit_ekfac(store, spec, block_rows, ctx)
     return Curvature(
         kind=kind, damping_spec=spec, modules=tuple(modules), dim=store.dim, n_rows=store.rows,
         fit_seconds=time.perf_counter() - started,
@@ -486,17 +533,25 @@ def save_curvature(store, curvature: Curvature) -> Path:
 
 
 def fit(store_path, curvature: str = DEFAULT_CURVATURE, damping="auto",
-        block_rows: int = DEFAULT_BLOCK_ROWS) -> Curvature:
+        block_rows: int = DEFAULT_BLOCK_ROWS, *, memory_budget_mb: float | None = None) -> Curvature:
     """``dw.fit``: fit ``curvature`` (none|raw|kfac|ekfac) for the store at ``store_path``, save it, return it.
 
     ``damping``: a float > 0 or ``"auto"`` (0.1 × mean eigenvalue per module). Fitting streams the store
-    once (raw, ekfac) or reads the KFAC factors (kfac); it never runs the model.
+    once (raw, ekfac) or reads the KFAC factors (kfac); it never runs the model. ``memory_budget_mb``:
+    bound the block buffers (`fit_block_rows`). Launched by torchrun / accelerate (``WORLD_SIZE`` > 1):
+    each rank streams its shards, sums are all-reduced, rank 0 saves.
     """
+    from dataworth.distributed import barrier, check_agreement, init_distributed
     from dataworth.store import open_store
 
-    store = open_store(store_path)
-    fitted = fit_curvature(store, curvature, damping, block_rows)
-    return replace(fitted, path=save_curvature(store, fitted))
+    ctx = init_distributed("cpu")
+    check_agreement(ctx, {"store": str(store_path), "curvature": curvature, "damping": str(damping),
+                          "block_rows": block_rows, "memory_budget_mb": memory_budget_mb}, "fit arguments")
+    store = open_store(store_path, verify=ctx.is_main)
+    fitted = fit_curvature(store, curvature, damping, block_rows, memory_budget_mb=memory_budget_mb, dist=ctx)
+    path = save_curvature(store, fitted) if ctx.is_main else store.path / curvature_file(fitted.kind)
+    barrier(ctx)
+    return replace(fitted, path=path)
 
 
 def load_curvature(store, kind: str) -> Curvature:

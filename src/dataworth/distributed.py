@@ -122,13 +122,18 @@ def rank_device(ctx: DistContext, device: str) -> str:
     return "cpu" if device == "auto" else device
 
 
-def close(ctx: DistContext) -> None:
-    """Leave the process group (end of a CLI command launched by torchrun)."""
-    if ctx.active:
+def shutdown() -> None:
+    """Leave the process group if one was joined (end of a CLI command launched by torchrun)."""
+    if launched_world_size() > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched run, or a plain single process (who prints the summary)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -47,8 +47,11 @@ from dataworth.distributed import (
     all_reduce_count,
     barrier,
     broadcast_object,
+    check_agreement,
+    init_distributed,
     iter_owned_blocks,
     merge_topk,
+    rank_device,
 )
 from dataworth.errors import InputError
 
@@ -612,6 +615,7 @@ def score(
     out: str | os.PathLike | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     device: str = "auto",
+    memory_budget_mb: float | None = None,
 ) -> Scores:
     """``dw.score``: influence of every row of the store at ``store_path`` on each query.
 
@@ -621,16 +625,23 @@ def score(
     ``manifest["config"]["model"]``) or a ``LoadedModel``; its fingerprint must equal the store's
     ``manifest["model"]["fingerprint"]``. ``curvature`` must have been fitted (``dataworth fit``) unless
     ``none``. With ``out``: the results are saved there (see :meth:`Scores.save`), the full matrix written
-    block by block. Sign and modes: see the module docstring.
+    block by block. Sign and modes: see the module docstring. ``memory_budget_mb``: bound the streaming
+    buffers (`score_budget`). Launched by torchrun / accelerate (``WORLD_SIZE`` > 1): queries are split over
+    ranks for their gradients, each rank scores its shards, top-k merged exactly, rank 0 saves.
     """
     from dataworth.store import open_store
 
     check_mode(mode)
     started = time.perf_counter()
-    store = open_store(store_path)
+    ctx = init_distributed(device)
+    check_agreement(ctx, {"store": str(store_path), "queries": str(queries) if not isinstance(queries, (list, tuple))
+                          else len(queries), "mode": mode, "curvature": curvature, "top_k": top_k, "full": full,
+                          "self": self_influence, "out": None if out is None else str(out),
+                          "block_rows": block_rows, "memory_budget_mb": memory_budget_mb}, "score arguments")
+    store = open_store(store_path, verify=ctx.is_main)
     fitted = load_curvature(store, curvature)
     rows = _load_query_rows(queries)
-    loaded = _load_store_model(store, model, device)
+    loaded = _load_store_model(store, model, rank_device(ctx, device))
     expected = store.manifest.get("model", {}).get("fingerprint")
     if expected and loaded.fingerprint != expected:
         raise InputError(
@@ -642,16 +653,25 @@ def score(
     from dataworth.extract import query_gradients
 
     query_started = time.perf_counter()
-    query_rows = query_gradients(store, loaded.model, loaded.tokenizer, rows)
+    # Rank r computes queries r, r+W, …; all ranks then hold every query row (same values everywhere).
+    mine = query_gradients(store, loaded.model, loaded.tokenizer, rows[ctx.rank::ctx.world_size]) \
+        if rows[ctx.rank::ctx.world_size] else None
+    parts = all_gather_objects(ctx, mine)
+    query_rows = np.zeros((len(rows), store.dim), dtype=np.float32)
+    for rank, part in enumerate(parts):
+        if part is not None:
+            query_rows[rank::ctx.world_size] = part
     query_s = time.perf_counter() - query_started
     result = score_rows(store, query_rows, [r.id for r in rows], fitted, mode, top_k, full, block_rows,
-                        with_self_influence=self_influence, out_dir=out)
+                        with_self_influence=self_influence, out_dir=out, memory_budget_mb=memory_budget_mb,
+                        dist=ctx)
     result.summary["queries"] = str(queries) if not isinstance(queries, (list, tuple)) else f"{len(rows)} rows"
     result.summary["model"] = {"spec": loaded.spec, "fingerprint": loaded.fingerprint}
     result.summary["timings"]["query_gradients_s"] = round(query_s, 6)
     result.summary["timings"]["total_s"] = round(time.perf_counter() - started, 6)
-    if out is not None:
+    if out is not None and ctx.is_main:
         result.save(out)
+    barrier(ctx)
     return result
 
 

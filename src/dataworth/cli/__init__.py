@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("report", "report_command"),
     ("value", "value_command"),
     ("select", "select_group"),
+    ("index", "index_group"),
     ("eval", "eval_group"),
 ]
 

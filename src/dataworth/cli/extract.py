@@ -27,19 +27,29 @@ from dataworth.extract import ExtractConfig, extract
 @click.option("--shard-rows", type=int, default=1024, show_default=True, help="Rows per shard (the unit of resumption).")
 @click.option("--skip-nonfinite", is_flag=True, help="Record rows with NaN/inf gradients (stored as zeros) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another model or configuration.")
+@click.option("--autocast", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
+              help="Forward pass under torch.autocast in bf16/fp16 (GPU); projections stay float32.")
+@click.option("--async-write/--sync-write", "async_write", default=None,
+              help="Write shards on a background thread (default: on for CUDA, off on CPU).")
 def extract_command(model, data, out, modules, projection, rank, rank_in, rank_out, dense_dim, seed, dtype, batch_size,
-                    token_budget, max_length, device, shard_rows, skip_nonfinite, overwrite):
+                    token_budget, max_length, device, shard_rows, skip_nonfinite, overwrite, autocast, async_write):
     """Per-example LoGra-projected gradients of MODEL on DATA, written to a resumable store.
 
     \b
     Example:
       dataworth extract --model demo_out/model --data builtin:bios --out demo_out/store --rank 16 --modules mlp
+      torchrun --nproc-per-node 4 -m dataworth extract --model demo_out/model --data builtin:bios \\
+          --out demo_out/store --rank 16 --modules mlp --autocast bf16
     """
     if rank is not None:
         rank_in = rank_out = rank
     cfg = ExtractConfig(model=model, data=data, out=out, modules=modules, projection=projection, rank_in=rank_in,
                         rank_out=rank_out, dense_dim=dense_dim, seed=seed, dtype=dtype, batch_size=batch_size,
                         token_budget=token_budget, max_length=max_length, device=device, shard_rows=shard_rows,
-                        skip_nonfinite=skip_nonfinite)
+                        skip_nonfinite=skip_nonfinite, autocast=autocast, async_write=async_write)
+    from dataworth.distributed import is_main_process, shutdown
+
     store = extract(cfg, overwrite=overwrite)
-    click.echo(f"store: {out} ({store.rows} rows × {store.dim} dims, {store.dtype})")
+    shutdown()
+    if is_main_process():  # torchrun: rank 0 reports
+        click.echo(f"store: {out} ({store.rows} rows × {store.dim} dims, {store.dtype})")

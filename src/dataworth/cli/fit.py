@@ -14,14 +14,22 @@ from dataworth.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE, fit
 @click.option("--damping", default="auto", show_default=True,
               help="λ > 0, or 'auto' = 0.1 × mean eigenvalue of each module's curvature.")
 @click.option("--block-rows", type=int, default=1024, show_default=True, help="Store rows read per block.")
-def fit_command(store, curvature, damping, block_rows):
+@click.option("--memory-budget", "memory_budget", type=float, default=None,
+              help="MiB for the streaming buffers; chooses --block-rows so memory stays bounded whatever the store size.")
+def fit_command(store, curvature, damping, block_rows, memory_budget):
     """Fit CURVATURE for the rows of STORE and save it as STORE/curvature/<kind>.safetensors.
 
     \b
     Example:
       dataworth fit --store demo_out/store --curvature ekfac --damping auto
+      torchrun --nproc-per-node 4 -m dataworth fit --store demo_out/store --memory-budget 2048
     """
-    fitted = fit(store, curvature, damping, block_rows=block_rows)
+    from dataworth.distributed import is_main_process, shutdown
+
+    fitted = fit(store, curvature, damping, block_rows=block_rows, memory_budget_mb=memory_budget)
+    shutdown()
+    if not is_main_process():  # torchrun: rank 0 reports
+        return
     values = list(fitted.damping.values())
     where = fitted.path if fitted.path is not None else "(nothing to save)"
     click.echo(f"curvature: {fitted.kind} for {fitted.n_rows} rows × {fitted.dim} dims, {len(fitted.modules)} modules "

@@ -27,12 +27,14 @@ from dataworth.scoring import SCORE_MODES, score
 @click.option("--model", default=None, help="Model spec (default: the model recorded in the store).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--block-rows", type=int, default=4096, show_default=True, help="Store rows per streamed block.")
+@click.option("--memory-budget", "memory_budget", type=float, default=None,
+              help="MiB for the streaming buffers; chooses block and query-batch sizes (one store pass per batch).")
 @click.option("--show", type=int, default=3, show_default=True, help="Top rows printed per query and direction.")
 @click.option("--show-queries", type=int, default=5, show_default=True, help="Queries printed (all are saved).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the summary (timings, counts) as one JSON object to this file.")
 def score_command(store, queries, out, mode, curvature, top_k, full, self_influence, model, device, block_rows,
-                  show, show_queries, json_path):
+                  memory_budget, show, show_queries, json_path):
     """Influence of every row of STORE on every query in QUERIES; results in OUT.
 
     Positive scores: up-weighting that training row lowers the query's loss (it helps); negative: it hurts.
@@ -41,9 +43,17 @@ def score_command(store, queries, out, mode, curvature, top_k, full, self_influe
     Example:
       dataworth score --store demo_out/store --queries demo_out/queries.jsonl --out demo_out/scores \\
           --curvature ekfac --mode dot --top-k 20 --self
+      torchrun --nproc-per-node 4 -m dataworth score --store demo_out/store --queries demo_out/queries.jsonl \\
+          --out demo_out/scores --memory-budget 4096
     """
+    from dataworth.distributed import is_main_process, shutdown
+
     result = score(store, queries, model, mode=mode, curvature=curvature, top_k=top_k, full=full,
-                   self_influence=self_influence, out=out, block_rows=block_rows, device=device)
+                   self_influence=self_influence, out=out, block_rows=block_rows, device=device,
+                   memory_budget_mb=memory_budget)
+    shutdown()
+    if not is_main_process():  # torchrun: rank 0 reports
+        return
     summary = result.summary
     for note in summary.get("notes", []):
         click.echo(f"note: {note}")
