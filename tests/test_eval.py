@@ -69,6 +69,11 @@ def test_noise_ceiling_hand_computed():
     assert ceiling[0] == pytest.approx(0.8)  # ranks [1,2,4,3]: Σd² = 2
     assert ceiling[1] == pytest.approx(-0.8)  # ranks [4,3,1,2] vs [1,2,3,4]: Σd² = 18 → 1 − 108/60
     assert np.isnan(lds_summary(np.ones((2, 3)), np.eye(3, dtype=bool)[[0, 1, 2, 0]], a)["noise_ceiling"])
+    # Both columns agree at ρ = 0.8: the ceiling of the 2-seed mean is sqrt(2ρ / (1 + ρ)).
+    both = np.stack([a, np.stack([b[:, 0], b[:, 0]], axis=1)])
+    summary = lds_summary(np.ones((2, 3)), np.eye(3, dtype=bool)[[0, 1, 2, 0]], both)
+    assert summary["noise_ceiling"] == pytest.approx(0.8)
+    assert summary["lds_ceiling"] == pytest.approx(np.sqrt(1.6 / 1.8))
 
 
 def test_bootstrap_interval_matches_a_plain_loop_and_brackets_the_mean():

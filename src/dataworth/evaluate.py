@@ -153,7 +153,10 @@ def bootstrap_interval(values: np.ndarray, n: int = 1000, seed: int = 0, level: 
 def lds_summary(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, n_bootstrap: int = 1000,
                 seed: int = 0) -> dict:
     """The printed LDS figures: ``lds`` (mean over queries), ``lds_ci_low`` / ``lds_ci_high`` (bootstrap over
-    queries), ``noise_ceiling`` (replicate 0 vs 1, mean over queries; NaN with one replicate),
+    queries), ``noise_ceiling`` ρ (replicate 0 vs 1, mean over queries; NaN with one replicate),
+    ``lds_ceiling`` ≈ ``sqrt(Rρ / (1 + (R−1)ρ))`` — the correlation a perfect predictor of the *expected*
+    loss would reach against the mean of R replicates (classical test theory: Spearman–Brown reliability of
+    the R-mean, whose square root bounds a correlation; an approximation for rank correlations) — and
     ``lds_undefined`` (queries with a constant column, left out of the mean and counted here).
 
     ``losses``: ``[R, M, Q]`` (replicates) or ``[M, Q]``; the LDS uses the replicate mean.
@@ -163,12 +166,15 @@ def lds_summary(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, n_boo
         losses = losses[None]
     per_query = lds(scores, masks, losses.mean(axis=0))
     lo, hi = bootstrap_interval(per_query, n=n_bootstrap, seed=seed)
-    ceiling = float("nan")
+    ceiling, lds_ceiling = float("nan"), float("nan")
     if losses.shape[0] >= 2:
         ceiling = float(np.nanmean(noise_ceiling(losses[0], losses[1])))
+        r = losses.shape[0]
+        reliability = r * ceiling / (1 + (r - 1) * ceiling)
+        lds_ceiling = float(np.sqrt(reliability)) if reliability > 0 else 0.0
     finite = per_query[np.isfinite(per_query)]
     return {"lds": float(finite.mean()) if finite.size else float("nan"), "lds_ci_low": lo, "lds_ci_high": hi,
-            "noise_ceiling": ceiling, "lds_undefined": int(per_query.size - finite.size),
+            "noise_ceiling": ceiling, "lds_ceiling": lds_ceiling, "lds_undefined": int(per_query.size - finite.size),
             "queries": int(per_query.size), "subsets": int(losses.shape[1]), "replicates": int(losses.shape[0])}
 
 

@@ -210,7 +210,8 @@ class RetrainCache:
                 raise InputError(f"{path}: not valid JSON ({exc.msg}); delete the directory to start over") from exc
             if stored.get("format") != CACHE_FORMAT:
                 raise InputError(f"{path}: not a dataworth retrain cache (format {stored.get('format')!r})")
-            difference = first_difference(stored.get("config", {}), self.identity)
+            difference = first_difference(_with_new_train_fields(stored.get("config", {}), self.identity),
+                                          self.identity)
             if difference is not None:
                 key, old, new = difference
                 raise InputError(f"{path}: retrain cache was made with {key}={_short(old)}, this run has "
@@ -248,6 +249,24 @@ class RetrainCache:
 
     def save(self, name: str, record: dict) -> None:
         write_json_atomic(self.path(name), record)
+
+
+def _with_new_train_fields(stored: dict, current: dict) -> dict:
+    """``stored`` with TrainConfig fields added since the cache was made filled in with their class defaults.
+
+    A field added to ``TrainConfig`` later did not exist when the cache was trained, so those runs behaved as
+    its default does; a run that sets it to anything else still differs (and is refused).
+    """
+    from dataworth.train import TrainConfig
+
+    if not isinstance(stored.get("train"), dict) or not isinstance(current.get("train"), dict):
+        return stored
+    defaults = LdsConfig(data="", queries="", train=TrainConfig(), subsets=MIN_SUBSETS).identity()["train"]
+    train = dict(stored["train"])
+    for key in current["train"]:
+        if key not in train and key in defaults:
+            train[key] = defaults[key]
+    return {**stored, "train": train}
 
 
 def first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
@@ -610,10 +629,13 @@ class AttributionConfig:
             raise InputError(f"--mix: must be in [0, 1], got {self.mix}")
 
 
-def attribution_scores(task: LdsTask, method: AttributionConfig, *, progress: bool = False) -> np.ndarray:
+def attribution_scores(task: LdsTask, method: AttributionConfig, *, progress: bool = False,
+                       memo: dict | None = None) -> np.ndarray:
     """The ``[Q, N]`` float64 score matrix of ``method`` for the task's queries (row order ``task.train_ids``).
 
     Stores are extracted once per (checkpoint, projection, rank) under ``task.out/stores`` and reused.
+    ``memo``: a dict in which query gradients and fitted curvatures are kept between calls (benchmarks
+    that score many options of the same stores pass one; results are identical without it).
     """
     method.check()
     if method.checkpoints == "ensemble":
@@ -622,31 +644,45 @@ def attribution_scores(task: LdsTask, method: AttributionConfig, *, progress: bo
         models = list(task.checkpoints)
     else:
         models = [task.model_dir]
-    mats = [_scores_at(task, Path(m), method, progress) for m in models]
+    memo = {} if memo is None else memo
+    mats = [_scores_at(task, Path(m), method, progress, memo) for m in models]
     return np.mean(mats, axis=0)
 
 
-def _scores_at(task: LdsTask, model_dir: Path, method: AttributionConfig, progress: bool) -> np.ndarray:
+def store_dir_for(task: LdsTask, model_dir: Path, method: AttributionConfig) -> Path:
+    """Where the store of ``method``'s projection on checkpoint ``model_dir`` lives (shared between options)."""
+    tag = "final" if Path(model_dir) == task.model_dir else Path(model_dir).name
+    proj = method.projection if method.projection == "identity" else f"{method.projection}-{method.rank}"
+    return task.out / "stores" / f"{tag}-{proj}-{method.modules}"
+
+
+def _scores_at(task: LdsTask, model_dir: Path, method: AttributionConfig, progress: bool, memo: dict) -> np.ndarray:
     from dataworth.curvature import fit_curvature
     from dataworth.extract import ExtractConfig, extract, query_gradients
     from dataworth.models import load_model
     from dataworth.scoring import score_rows
 
-    tag = "final" if model_dir == task.model_dir else model_dir.name
-    proj = method.projection if method.projection == "identity" else f"{method.projection}-{method.rank}"
-    store_dir = task.out / "stores" / f"{tag}-{proj}-{method.modules}"
+    store_dir = store_dir_for(task, model_dir, method)
+    # identity ignores the rank; a fixed value keeps one identity store whatever rank an option asks for
+    rank = 64 if method.projection == "identity" else method.rank
     store = extract(ExtractConfig(model=str(model_dir), data=task.config.data, out=str(store_dir),
-                                  modules=method.modules, projection=method.projection, rank_in=method.rank,
-                                  rank_out=method.rank, seed=task.config.seed, dtype="float32", device="cpu",
+                                  modules=method.modules, projection=method.projection, rank_in=rank,
+                                  rank_out=rank, seed=task.config.seed, dtype="float32", device="cpu",
                                   shard_rows=4096, max_length=task.config.train.max_length), progress=progress)
     if list(store.ids) != task.train_ids:
         raise InputError(f"{store_dir}: store rows are not the task's training rows in order")
-    loaded = load_model(str(model_dir), device="cpu")
-    queries = query_gradients(store, loaded.model, loaded.tokenizer, task.query_rows(), chat=task.config.train.chat)
+    key = ("queries", str(store_dir))
+    if key not in memo:
+        loaded = load_model(str(model_dir), device="cpu")
+        memo[key] = query_gradients(store, loaded.model, loaded.tokenizer, task.query_rows(),
+                                    chat=task.config.train.chat)
+    queries = memo[key]
     if method.optimizer == "adam":
         return trackstar_scores(store, queries, model_dir, method)
-    curvature = fit_curvature(store, method.curvature, method.damping)
-    result = score_rows(store, queries, task.query_ids, curvature, mode=method.mode, top_k=1, full=True)
+    key = ("curvature", str(store_dir), method.curvature, str(method.damping))
+    if key not in memo:
+        memo[key] = fit_curvature(store, method.curvature, method.damping)
+    result = score_rows(store, queries, task.query_ids, memo[key], mode=method.mode, top_k=1, full=True)
     return np.asarray(result.matrix, dtype=np.float64)
 
 
