@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -45,13 +46,16 @@ class GradientCaptureCallback(TrainerCallback):
         self.capture_epochs = capture_epochs
         self.capturing = False
         self.store = None
+        self.finalize_seconds = 0.0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         epoch = int(round(state.epoch or 0))
         self.capturing = epoch >= int(args.num_train_epochs) - self.capture_epochs
 
     def on_train_end(self, args, state, control, **kwargs):
+        started = time.perf_counter()
         self.store = self.logger.finalize()
+        self.finalize_seconds = time.perf_counter() - started
 
 
 class CapturingTrainer(Trainer):
@@ -129,16 +133,17 @@ def training_arguments(out: Path, epochs: int, batch: int, accumulate: int, seed
     return TrainingArguments(
         output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulate, learning_rate=learning_rate, weight_decay=0.0, lr_scheduler_type="constant",
-        warmup_steps=0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True, seed=seed,
+        warmup_steps=0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
         data_seed=seed, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
     )
 
 
 def train(docs, *, epochs: int, batch: int = 4, accumulate: int = 2, seed: int = 0, capture_epochs: int = 0,
-          rank: int = 16, learning_rate: float = 3e-3, store_dir: Path | None = None, work_dir: Path | None = None):
+          rank: int = 16, learning_rate: float = 3e-3, store_dir: Path | None = None, work_dir: Path | None = None,
+          timings: dict | None = None):
     """Train the tiny model with a plain `Trainer` (``capture_epochs=0``) or a `CapturingTrainer`.
 
-    Returns ``(model, store or None)``.
+    Returns ``(model, store or None)``; ``timings`` (a dict) receives ``finalize_s``, the store-writing time.
     """
     import dataworth as dw
 
@@ -153,6 +158,8 @@ def train(docs, *, epochs: int, batch: int = 4, accumulate: int = 2, seed: int =
                       out=store_dir or work_dir / "store", dtype="float32", replace=True)
     callback = GradientCaptureCallback(logger, capture_epochs=capture_epochs)
     CapturingTrainer(capture=callback, **common).train()
+    if timings is not None:
+        timings["finalize_s"] = callback.finalize_seconds
     return model, callback.store
 
 

@@ -239,6 +239,8 @@ class Capture:
         self.losses = losses.detach().double().cpu().numpy()
         if tokens is not None:
             self._token_counts = torch.as_tensor(tokens).reshape(-1).cpu()
+            if self._token_counts.shape[0] != len(self.ids):
+                raise InputError(f"capture.record: {self._token_counts.shape[0]} token counts for {len(self.ids)} ids")
         return losses
 
     def _weights_hook(self, grad: torch.Tensor) -> None:
@@ -280,6 +282,14 @@ class ProjectedGradients:
     def dim(self) -> int:
         return sum(self.projections[n].k_out * self.projections[n].k_in for n, _ in self.modules)
 
+    def _projection(self, name: str, device: torch.device) -> ModuleProjection:
+        """The module's projection on ``device`` (moved once: a Trainer may move the model after `watch`)."""
+        proj = self.projections[name]
+        matrix = proj.p_in if proj.p_in is not None else proj.p_out
+        if matrix is not None and matrix.device != device:
+            proj = self.projections[name] = _to_device(proj, device)
+        return proj
+
     def close(self) -> None:
         for h in self._handles:
             h.remove()
@@ -314,14 +324,13 @@ class ProjectedGradients:
         return hook
 
     def _forward_hook(self, name: str):
-        proj = self.projections[name]
-
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             cap = self._active
             if cap is None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return
             if not output.requires_grad:
                 return
+            proj = self._projection(name, output.device)
             mask = _mask_for(cap, name, output)
             a = _tokens_view(project(inputs[0].detach(), proj.p_in), len(cap.ids), name)
             if mask is not None:
@@ -329,7 +338,8 @@ class ProjectedGradients:
             if self.collect_covariance:
                 flat = a.reshape(-1, a.shape[-1]).double()
                 _add(cap._cov_in, name, flat.T @ flat)
-                real = float(mask.sum()) if mask is not None else a.shape[0] * a.shape[1]
+                # a tensor, not a float: no host sync per layer call (it matters on a GPU)
+                real = mask.sum(dtype=torch.float64) if mask is not None else float(a.shape[0] * a.shape[1])
                 cap._n_tokens[name] = cap._n_tokens.get(name, 0.0) + real
             fired = []
 
@@ -440,7 +450,7 @@ def _mask_for(cap: Capture, name: str, output: torch.Tensor) -> torch.Tensor | N
             f"capture: attention_mask has shape {tuple(mask.shape)} but module {name} outputs "
             f"{tuple(output.shape)}; the mask must be [B, T] of the watched layers' token axis"
         )
-    return mask
+    return mask if mask.device == output.device else mask.to(output.device)
 
 
 def _add(acc: dict, key: str, value: torch.Tensor) -> None:
@@ -492,13 +502,11 @@ class RowStaging:
         return len(self.losses)
 
     def append(self, ids: Sequence[str], rows: np.ndarray, losses: np.ndarray, tokens: np.ndarray) -> None:
-        for i in ids:
+        for position, i in enumerate(ids, start=self.staged):
             if i not in self.latest:
                 self.order.append(i)
-            self.latest[i] = self.staged
-            self.losses.append(0.0)  # placeholder, overwritten just below (keeps `staged` in step)
-        start = self.staged - len(ids)
-        self.losses[start:] = [float(v) for v in losses]
+            self.latest[i] = position
+        self.losses.extend(float(v) for v in losses)
         self.tokens.extend(int(t) for t in tokens)
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         while rows.shape[0]:
@@ -637,6 +645,7 @@ class GradientLogger:
         for index, (ids, rows, losses, tokens) in enumerate(self.staging.assemble(self.config.shard_rows)):
             writer.write_shard(index, rows, ids, losses, tokens)
         n_rows = self.captured
+        self.n_tokens = {name: float(count) for name, count in self.n_tokens.items()}
         n_tokens = self.n_tokens[self.modules[0]]
         factors = {}
         for name in self.modules:
