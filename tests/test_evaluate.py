@@ -1,10 +1,22 @@
-"""Fact-tracing metrics on hand-computed cases (1-based ranks, ties broken by row order)."""
+"""Pure metrics on hand-computed cases: fact tracing (1-based ranks, ties by row order), LDS, noise ceiling,
+bootstrap interval, removal summaries."""
 
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from dataworth.evaluate import bm25_scores, fact_tracing_metrics, ranks
+from dataworth.evaluate import (
+    bm25_scores,
+    bootstrap_interval,
+    fact_tracing_metrics,
+    lds,
+    lds_summary,
+    noise_ceiling,
+    ranks,
+    removal_summary,
+    subset_predictions,
+    top_k_rows,
+)
 
 
 def test_ranks_break_ties_by_row_order():
@@ -40,3 +52,72 @@ def test_bm25_ranks_the_lexical_match_first():
     docs = ["the cat sat on the mat", "Alice Smith was born in Paris", "dogs bark loudly"]
     s = bm25_scores(docs, ["Where was Alice Smith born?"])
     assert int(np.argmax(s[0])) == 1
+
+
+# ------------------------------------------------------------------------ LDS and removal (pure)
+
+def test_lds_hand_computed_spearman():
+    scores = np.array([[1.0, 2.0, 3.0]])
+    masks = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=bool)
+    assert subset_predictions(scores, masks)[:, 0].tolist() == [1, 2, 3, 6]
+    # −loss ranks [2, 1, 3, 4] vs prediction ranks [1, 2, 3, 4]: Σd² = 2 → ρ = 1 − 6·2/(4·15) = 0.8
+    losses = -np.array([[2.0], [1.0], [3.0], [4.0]])
+    assert lds(scores, masks, losses)[0] == pytest.approx(0.8)
+    # Lower loss where the prediction is higher is agreement (+1); the flipped sign is −1.
+    losses = np.array([[4.0], [3.0], [2.0], [1.0]])
+    assert lds(scores, masks, losses)[0] == pytest.approx(1.0)
+    assert lds(-scores, masks, losses)[0] == pytest.approx(-1.0)
+
+
+def test_lds_averages_replicates_and_is_nan_for_constant_predictions():
+    scores = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    masks = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], dtype=bool)
+    a = np.array([[5.0, 1], [4, 2], [1, 3], [3, 4]])
+    b = np.array([[5.0, 1], [2, 2], [3, 3], [1, 4]])
+    per_query = lds(scores, masks, np.stack([a, b]))
+    np.testing.assert_allclose(per_query[0], lds(scores, masks, (a + b) / 2)[0])
+    assert np.isnan(per_query[1])
+    summary = lds_summary(scores, masks, np.stack([a, b]), n_bootstrap=50)
+    assert summary["lds_undefined"] == 1 and summary["lds"] == pytest.approx(per_query[0])
+
+
+def test_noise_ceiling_hand_computed():
+    a = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
+    b = np.array([[10.0, 4.0], [20.0, 3.0], [40.0, 1.0], [30.0, 2.0]])
+    ceiling = noise_ceiling(a, b)
+    assert ceiling[0] == pytest.approx(0.8)  # ranks [1,2,4,3]: Σd² = 2
+    assert ceiling[1] == pytest.approx(-0.8)  # ranks [4,3,1,2] vs [1,2,3,4]: Σd² = 18 → 1 − 108/60
+    assert np.isnan(lds_summary(np.ones((2, 3)), np.eye(3, dtype=bool)[[0, 1, 2, 0]], a)["noise_ceiling"])
+    # Both columns agree at ρ = 0.8: the ceiling of the 2-seed mean is sqrt(2ρ / (1 + ρ)).
+    both = np.stack([a, np.stack([b[:, 0], b[:, 0]], axis=1)])
+    summary = lds_summary(np.ones((2, 3)), np.eye(3, dtype=bool)[[0, 1, 2, 0]], both)
+    assert summary["noise_ceiling"] == pytest.approx(0.8)
+    assert summary["lds_ceiling"] == pytest.approx(np.sqrt(1.6 / 1.8))
+
+
+def test_bootstrap_interval_matches_a_plain_loop_and_brackets_the_mean():
+    values = np.array([0.1, 0.5, 0.2, 0.9, np.nan, 0.4])
+    lo, hi = bootstrap_interval(values, n=200, seed=3)
+    finite = values[np.isfinite(values)]
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, finite.size, size=(200, finite.size))
+    means = [finite[row].mean() for row in idx]
+    assert (lo, hi) == (pytest.approx(np.quantile(means, 0.025)), pytest.approx(np.quantile(means, 0.975)))
+    assert lo <= finite.mean() <= hi
+    assert bootstrap_interval(np.full(5, 0.3)) == (pytest.approx(0.3), pytest.approx(0.3))
+    assert all(np.isnan(bootstrap_interval(np.array([np.nan]))))
+
+
+def test_removal_summary_hand_computed():
+    base = np.array([1.0, 2.0])
+    top = np.array([3.0, 2.5])  # increases 2.0, 0.5
+    random = np.array([[1.5, 2.0], [0.5, 3.0]])  # per query mean increase: 0.0, 0.5
+    s = removal_summary(base, top, random)
+    assert s["top_increase"] == pytest.approx(1.25)
+    assert s["random_increase"] == pytest.approx(0.25)
+    assert s["ratio"] == pytest.approx(5.0)
+    assert s["top_beats_random"] == pytest.approx(0.5)  # query 1 ties: not a win
+
+
+def test_top_k_rows_breaks_ties_by_row_order():
+    assert top_k_rows(np.array([[0.5, 0.9, 0.5, 0.1]]), 3).tolist() == [[1, 0, 2]]
