@@ -202,7 +202,8 @@ def run_prefilter(select_config, task: str, config: PrefilterConfig = PrefilterC
 
     True labels: the run's LESS scores (`dataworth.select.compute_scores`, with the run's ``aggregate``
     and ``across``), known for every row so recall can be measured. Cheap features from the frozen base
-    model. Gradient cost per row: the run's measured pool-feature seconds summed over checkpoints.
+    model. Gradient cost per row: the run's measured pool-feature seconds summed over checkpoints (CPU
+    time of the process on a CPU device, wall-clock otherwise; ``metrics["clock"]`` says which).
     Writes ``RUN/selected/<task>/prefilter.json`` (metrics + config) and ``prefilter_candidates.jsonl``
     (ids of labelled ∪ kept rows, with their role). Returns the metrics.
     """
@@ -222,15 +223,18 @@ def run_prefilter(select_config, task: str, config: PrefilterConfig = PrefilterC
         tokenizer.pad_token = tokenizer.eos_token
     encoded, _ = encode_rows(rows, tokenizer, max_length=select_config.max_length, chat=select_config.chat)
     with _threads(select_config.threads):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         features = cheap_features(loaded.model, tokenizer, encoded)
-        cheap_seconds = time.perf_counter() - started
+        cheap_wall, cheap_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     record = json.loads((Path(select_config.run) / "features" / "features.json").read_text())
-    gradient_seconds = sum(c["pool_seconds"] for c in record["checkpoints"]) / max(1, len(rows))
+    # CPU time on a CPU device (robust to other processes sharing the machine); wall-clock otherwise
+    use_cpu = loaded.device.type == "cpu" and all("pool_cpu_seconds" in c for c in record["checkpoints"])
+    key, cheap_seconds = ("pool_cpu_seconds", cheap_cpu) if use_cpu else ("pool_seconds", cheap_wall)
+    gradient_seconds = sum(c[key] for c in record["checkpoints"]) / max(1, len(rows))
     metrics, labelled, kept, predicted = evaluate_prefilter(scores, features, config, cheap_seconds / len(rows),
                                                             gradient_seconds)
     metrics.update({"task": task, "aggregate": select_config.aggregate, "across": select_config.across,
-                    "config": asdict(config)})
+                    "clock": "cpu" if use_cpu else "wall", "config": asdict(config)})
     out = Path(select_config.run) / "selected" / task
     _write_json(out / "prefilter.json", metrics)
     lines = [json.dumps({"id": rows[i].id, "role": "labelled" if labelled[i] else "kept",

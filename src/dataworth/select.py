@@ -523,7 +523,8 @@ def features(config: SelectConfig, checkpoints: Sequence[str | Path] | None = No
     stores with the same settings are reused).
     Writes ``RUN/features/ckpt-<c>/{pool, valid/<task>}`` stores (``c`` = 1-based position in
     ``checkpoints``) and ``RUN/features/features.json`` (checkpoints, their η̄, wall-clock seconds per store;
-    a reused store keeps the seconds recorded when it was computed). Returns that record.
+    wall-clock and this process's CPU time — the fair cost measure on a shared CPU machine; a reused store
+    keeps the figures recorded when it was computed). Returns that record.
     """
     from dataworth.data import encode_rows, load_rows
 
@@ -538,7 +539,8 @@ def features(config: SelectConfig, checkpoints: Sequence[str | Path] | None = No
     valid_rows = {task: load_task_rows(config.valid, task) for task in tasks}
     record_path = Path(config.run) / "features" / "features.json"
     previous = json.loads(record_path.read_text()) if record_path.is_file() else {"checkpoints": []}
-    earlier_seconds = {c["features"]: c.get("pool_seconds") for c in previous.get("checkpoints", [])}
+    earlier_seconds = {c["features"]: (c.get("pool_seconds"), c.get("pool_cpu_seconds"))
+                       for c in previous.get("checkpoints", []) if c.get("pool_seconds")}
     record = {"checkpoints": [], "tasks": tasks, "gradient": config.gradient,
               "adam_convention": config.adam_convention, "dense_dim": config.dense_dim}
     with _threads(config.threads):
@@ -555,14 +557,15 @@ def features(config: SelectConfig, checkpoints: Sequence[str | Path] | None = No
                 state = load_adam_state(ckpt, lora_modules(model))
                 transform = lambda g, s=state: adam_update(g, s, config.adam_convention)  # noqa: E731
             reused = _store_complete(root / "pool")
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             gradient_features(model, tokenizer, pool_encoded, root / "pool", transform=transform, header={
                 "projection": {"transform": config.gradient if config.gradient == "sgd"
                                else f"adam-{config.adam_convention}"},
                 "model": model_header, "data": {"spec": config.pool}}, **common)
             pool_seconds = time.perf_counter() - started
+            pool_cpu_seconds = time.process_time() - cpu_started
             if reused and earlier_seconds.get(str(root)):
-                pool_seconds = earlier_seconds[str(root)]
+                pool_seconds, pool_cpu_seconds = earlier_seconds[str(root)]
             valid_seconds = {}
             for task in tasks:
                 encoded, _ = encode_rows(valid_rows[task], tokenizer, max_length=config.max_length, chat=config.chat)
@@ -572,7 +575,8 @@ def features(config: SelectConfig, checkpoints: Sequence[str | Path] | None = No
                     "data": {"spec": config.valid, "task": task}}, **common)
                 valid_seconds[task] = time.perf_counter() - started
             record["checkpoints"].append({"path": str(ckpt), "avg_lr": lr, "features": str(root),
-                                          "pool_seconds": pool_seconds, "pool_rows": len(pool_rows),
+                                          "pool_seconds": pool_seconds, "pool_cpu_seconds": pool_cpu_seconds,
+                                          "pool_rows": len(pool_rows),
                                           "valid_seconds": valid_seconds})
     _write_json(record_path, record)
     return record
