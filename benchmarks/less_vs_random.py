@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
+    import torch
+
     from dataworth.data import encode_rows, load_rows
     from dataworth.models import load_model
     from dataworth.prefilter import PrefilterConfig, cheap_features, evaluate_prefilter
@@ -135,6 +137,7 @@ def main() -> None:
     # cheap pre-filter features: one forward pass of the frozen base over the pool (same for every seed)
     loaded = load_model(base, device="cpu")
     encoded, _ = encode_rows(pool_rows, loaded.tokenizer, max_length=96)
+    torch.set_num_threads(1)  # as the feature passes (SelectConfig.threads=1), so CPU times compare like for like
     cheap_features(loaded.model, loaded.tokenizer, encoded[:64])  # warm-up, so one-time costs are not counted
     t0 = time.process_time()  # CPU time: the machine may be shared, wall-clock would measure the neighbours
     cheap = cheap_features(loaded.model, loaded.tokenizer, encoded)
