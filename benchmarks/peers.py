@@ -322,12 +322,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     python = setup_peers(args.skip_setup)
 
     from dataworth.data import load_rows
+    from dataworth.errors import InputError
     from dataworth.evaluate import fact_tracing_metrics
     from dataworth.retrain import build_lds_task
 
     config = lds_task_config(args.quick)
     # stop_after=0: train (or reuse) the attributed model only; the retrains are only needed for the LDS.
-    build_lds_task(task_dir, config, progress=True, stop_after=0)
+    try:
+        build_lds_task(task_dir, config, progress=True, stop_after=0)
+    except InputError as exc:  # e.g. a cache made with another configuration: one line, exit 2
+        print(f"error: {exc} (or pass --task-dir)", file=sys.stderr)
+        raise SystemExit(2) from None
     model_dir = task_dir / "model"
     train_rows, query_rows = load_rows(config.data), load_rows(config.queries)
     train_ids = [r.id for r in train_rows]
