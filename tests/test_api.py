@@ -21,3 +21,14 @@ def test_every_command_has_help_with_an_example(command):
 
 def test_unknown_command_is_a_usage_error():
     assert CliRunner().invoke(cli, ["no-such-command"]).exit_code == 2
+
+
+def test_stage_named_like_its_module_stays_callable(monkeypatch):
+    """``dw.extract(...)`` calls the function even after ``import dataworth.extract`` (same name)."""
+    import importlib
+
+    for name in ("extract", "train", "generate", "report"):
+        module = importlib.import_module(f"dataworth.{name}")
+        calls = []
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append((a, k)) or "called")
+        assert getattr(dw, name)(1, x=2) == "called" and calls == [((1,), {"x": 2})], name

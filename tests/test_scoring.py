@@ -371,8 +371,11 @@ def test_score_cli_prints_top_rows_clamp_note_and_files(random_store, fake_model
 def test_score_end_to_end_equals_autograd_gradient_dot_products(tmp_path, tiny_tokenizer):
     """A tiny Llama saved to disk, a store of exact gradients (identity projection) of one module, and a
     prompt/response query: with curvature ``none``, ``s(q, n) = ⟨∇_W L_q, ∇_W L_n⟩`` where ``L_q`` is the
-    response's summed loss given the prompt — computed here with plain autograd, one example at a time."""
+    response's summed loss given the prompt (the appended end token is not measured for queries) — computed
+    here with plain autograd, one example at a time."""
     from conftest import CORPUS, build_llama
+
+    from dataclasses import replace
 
     from dataworth.batching import collate, example_losses
     from dataworth.data import encode_rows, load_rows
@@ -392,8 +395,10 @@ def test_score_end_to_end_equals_autograd_gradient_dot_products(tmp_path, tiny_t
 
     weight = dict(model.named_modules())[module].weight
 
-    def grad_of(spec):
+    def grad_of(spec, query=False):
         encoded, _ = encode_rows(load_rows(str(spec)), tiny_tokenizer)
+        if query:  # response tokens only: drop the eos that encoding appends
+            encoded = [replace(e, loss_mask=e.loss_mask[:-1] + [0]) for e in encoded]
         grads = []
         for enc in encoded:
             batch = collate([enc], [0], tiny_tokenizer.pad_token_id)
@@ -402,6 +407,6 @@ def test_score_end_to_end_equals_autograd_gradient_dot_products(tmp_path, tiny_t
             grads.append(torch.autograd.grad(loss, weight)[0].reshape(-1).double().numpy())
         return np.array(grads)
 
-    expected = grad_of(qfile) @ grad_of(train).T
+    expected = grad_of(qfile, query=True) @ grad_of(train).T
     np.testing.assert_allclose(result.matrix, expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
     assert result.top_k("alice")["train_row"].tolist() == list(np.argsort(-expected[0], kind="stable"))
