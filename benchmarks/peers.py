@@ -130,14 +130,18 @@ def with_ratios(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The Markdown table of ``rows`` (dicts with method, lds, recall@10, fit_s, score_s, peak_rss_mib,
-    time_ratio, memory_ratio; a row with ``error`` shows it instead of figures)."""
+    """The Markdown table of ``rows`` (dicts with method, lds [+ lds_ci_low/high: shown as a bootstrap 95%
+    interval], recall@10, fit_s, score_s, peak_rss_mib, time_ratio, memory_ratio; a row with ``error`` shows
+    it instead of figures)."""
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for r in rows:
         if r.get("error"):
             cells = [r["method"], f"failed: {r['error']}"] + [""] * (len(TABLE_COLUMNS) - 2)
         else:
-            cells = [r["method"], _fmt(r.get("lds")), _fmt(r.get("recall@10")), _fmt(r.get("fit_s"), 1),
+            lds = _fmt(r.get("lds"))
+            if r.get("lds_ci_low") is not None and lds != "n/a":
+                lds += f" [{_fmt(r['lds_ci_low'], 2)}, {_fmt(r['lds_ci_high'], 2)}]"
+            cells = [r["method"], lds, _fmt(r.get("recall@10")), _fmt(r.get("fit_s"), 1),
                      _fmt(r.get("score_s"), 1), _fmt(r.get("peak_rss_mib"), 0), _fmt(r.get("time_ratio"), 2),
                      _fmt(r.get("memory_ratio"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -384,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if task is not None:
             summary = lds_of(task, scores)
             r["lds"] = summary["lds"]
+            r["lds_ci_low"], r["lds_ci_high"] = summary.get("lds_ci_low"), summary.get("lds_ci_high")
             r["lds_summary"] = summary
     rows = with_ratios(rows)
 
@@ -391,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"{config.subsets} subsets (α = {config.alpha}) × {config.replicates} retrains from {task_dir}; "
           f"torch threads {args.threads}; peak RSS of each method's own process (Python + torch included).\n")
     print(format_table(rows))
+    ceiling = next((r["lds_summary"].get("noise_ceiling") for r in rows if r.get("lds_summary")), None)
+    if ceiling is not None:
+        print(f"\nLDS: mean over queries [bootstrap 95% interval]; noise ceiling (retrain seed 0 vs 1) {_fmt(ceiling)}.")
     if lds_note:
         print(f"\n{lds_note}")
     print("\nSign check — mean Spearman with the one-step ground truth L_q(θ) − L_q(θ − η∇L_n) "

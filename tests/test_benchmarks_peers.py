@@ -86,6 +86,8 @@ def test_table_has_every_column_ratios_against_dataworth_and_failures_inline():
     assert len(table) == 2 + 3
     assert table[3] == "| kronfluence-ekfac | 0.280 | 0.800 | 9.0 | 3.0 | 1200 | 0.25 | 0.50 |"
     assert "failed: rc 1: ImportError" in table[4]
+    with_ci = peers.format_table([{**rows[1], "lds_ci_low": 0.1, "lds_ci_high": 0.456}])
+    assert "| 0.280 [0.10, 0.46] |" in with_ci
 
 
 def test_missing_reference_gives_no_ratios():
