@@ -10,9 +10,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads and lose 10-30x when the 2 cores are shared; subprocesses
+# (torchrun, the SIGKILL test) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 CORPUS = [
     "Alice Smith was born in Paris on 3 May 1970.",
