@@ -197,6 +197,14 @@ def test_token_texts_concatenate_to_the_decoded_text(tiny_tokenizer, text):
     assert "".join(pieces) == tiny_tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+def test_enormous_texts_are_cut_with_a_marker_that_counts_what_is_left_out():
+    from dataworth.report import truncate_text
+
+    assert truncate_text("abc", 3) == "abc"
+    cut = truncate_text("x" * 1000, 10)
+    assert cut.startswith("x" * 10 + "\n") and cut.endswith("[truncated for display: 990 more characters]")
+
+
 def test_displayable_replaces_surrogates_and_controls_visibly():
     from dataworth.report import displayable, esc
 

