@@ -188,9 +188,10 @@ def mode_denominators(mode: str, curvature, preconditioned64: np.ndarray, train_
 def shown_contributions(store, loaded, encoded_by_row: dict[int, object], needed: dict[int, list[int]],
                         preconditioned64: np.ndarray, mode: str, curvature) -> dict[tuple[int, int], np.ndarray]:
     """``{(query_index, train_row): [T] contributions}`` for the (query, document) pairs in ``needed``
-    (train_row → query indices). One pass per document against only the queries that show it: the
-    contraction costs ``O(Q' · T · D)`` per document, so a document shown for 2 of 240 queries must not
-    pay for 240 (measured: 4× faster on the demo than chunking documents with the union of their queries)."""
+    (train_row → query indices). One forward/backward per document, contracted against only the queries
+    that show it (``O(Q' · T · D)``): a document shown for 2 of 240 queries does not pay for 240, and memory
+    stays ``O(Q' · T)``. The forward/backward dominates (demo, 192 documents: ~0.5 CPU-s each on a busy
+    2-core machine)."""
     from dataworth.extract import token_contributions
 
     out: dict[tuple[int, int], np.ndarray] = {}
