@@ -786,30 +786,40 @@ def store_extractor(store, model: nn.Module, device: torch.device | str = "cpu")
 
 
 def token_contributions(store, model: nn.Module, tokenizer, encoded: Sequence[Encoded],
-                        preconditioned: np.ndarray) -> list[np.ndarray]:
-    """Exact per-token split of influence: for each training row n, ``[Q, T_n]`` contributions.
+                        preconditioned) -> list[np.ndarray]:
+    """Exact per-token split of influence: for each training row n, ``[Q_n, T_n]`` contributions.
 
     ``s(q, n) = Σ_t Σ_m ⟨Q_{q,m}, s_{t,m} a_{t,m}ᵀ⟩`` with ``Q_{q,m}`` the preconditioned query
     ``(F+λI)⁻¹ĝ_q`` of module m reshaped to ``k_out × k_in`` (DESIGN.md, per-token attribution); token t's
     share is the inner sum. Summing a row's contributions gives its score. Recomputed only for the rows
     asked (e.g. the top-k shown in a report). Not available for the ``dense`` projection.
+
+    ``preconditioned``: one ``[Q, D]`` array used for every row, or a list with one ``[Q_n, D]`` array per
+    row (only the queries that show that row). The hooks and projections are set up once for all rows.
     """
     if store.manifest["projection"]["kind"] == "dense":
         raise InputError(f"store {store.path}: per-token attribution needs a LoGra store, not --projection dense")
-    q = torch.as_tensor(np.asarray(preconditioned, dtype=np.float32))
+    per_row = isinstance(preconditioned, (list, tuple))
+    if per_row and len(preconditioned) != len(encoded):
+        raise ValueError(f"{len(preconditioned)} query arrays for {len(encoded)} rows")
     device = next(model.parameters()).device
+    shared = None if per_row else torch.as_tensor(np.asarray(preconditioned, dtype=np.float32)).to(device)
     out = []
     with store_extractor(store, model, device) as ex:
         ex.hooks.keep_tokens = True
-        for e in encoded:
+        for n, e in enumerate(encoded):
+            q = shared if shared is not None else torch.as_tensor(
+                np.asarray(preconditioned[n], dtype=np.float32)).to(device)
             ex.run(collate([e], [0], _pad_id(tokenizer)))
-            contrib = torch.zeros(q.shape[0], len(e.input_ids))
+            contrib = torch.zeros(q.shape[0], len(e.input_ids), device=device)
             for spec in store.modules:
                 cap = ex.hooks.captures[spec.name]
-                qm = q[:, spec.offset:spec.offset + spec.size].reshape(-1, spec.k_out, spec.k_in).to(device)
-                contrib += torch.einsum("to,qoi,ti->qt", cap.token_grads[0], qm, cap.token_acts[0]).cpu()
+                qm = q[:, spec.offset:spec.offset + spec.size].reshape(-1, spec.k_out, spec.k_in)
+                # (Q_m a_t) first, then ⟨·, s_t⟩: two plain products instead of a 3-operand einsum
+                qa = torch.einsum("qoi,ti->qto", qm, cap.token_acts[0])
+                contrib += (qa * cap.token_grads[0][None]).sum(-1)
                 cap.token_acts = cap.token_grads = None
-            out.append(contrib.numpy())
+            out.append(contrib.cpu().numpy())
     return out
 
 

@@ -188,17 +188,17 @@ def mode_denominators(mode: str, curvature, preconditioned64: np.ndarray, train_
 def shown_contributions(store, loaded, encoded_by_row: dict[int, object], needed: dict[int, list[int]],
                         preconditioned64: np.ndarray, mode: str, curvature) -> dict[tuple[int, int], np.ndarray]:
     """``{(query_index, train_row): [T] contributions}`` for the (query, document) pairs in ``needed``
-    (train_row → query indices). One forward/backward per document, contracted against only the queries
-    that show it (``O(Q' · T · D)``): a document shown for 2 of 240 queries does not pay for 240, and memory
-    stays ``O(Q' · T)``. The forward/backward dominates (demo, 192 documents: ~0.5 CPU-s each on a busy
-    2-core machine)."""
+    (train_row → query indices). One forward/backward per document (hooks and projections set up once for
+    all of them), contracted against only the queries that show it (``O(Q' · T · D)``): a document shown for
+    2 of 240 queries does not pay for 240, and memory stays ``O(Q' · T)``."""
     from dataworth.extract import token_contributions
 
     out: dict[tuple[int, int], np.ndarray] = {}
-    for r in sorted(needed):
-        queries = sorted(needed[r])
-        contrib = token_contributions(store, loaded.model, loaded.tokenizer, [encoded_by_row[r]],
-                                      preconditioned64[queries].astype(np.float32))[0]
+    rows = sorted(needed)
+    query_lists = [sorted(needed[r]) for r in rows]
+    contribs = token_contributions(store, loaded.model, loaded.tokenizer, [encoded_by_row[r] for r in rows],
+                                   [preconditioned64[qs].astype(np.float32) for qs in query_lists])
+    for r, queries, contrib in zip(rows, query_lists, contribs):
         denom = mode_denominators(mode, curvature, preconditioned64[queries], store.read_rows(r, r + 1))[:, 0]
         for i, q in enumerate(queries):
             values = np.asarray(contrib[i], dtype=np.float64)
