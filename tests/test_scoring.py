@@ -410,3 +410,73 @@ def test_score_end_to_end_equals_autograd_gradient_dot_products(tmp_path, tiny_t
     expected = grad_of(qfile, query=True) @ grad_of(train).T
     np.testing.assert_allclose(result.matrix, expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
     assert result.top_k("alice")["train_row"].tolist() == list(np.argsort(-expected[0], kind="stable"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming without a store (score --no-store)
+
+
+@pytest.fixture(scope="module")
+def stream_world(tmp_path_factory):
+    """A tiny Llama on disk, 10 distinct training rows (no exact ties), 3 prompt/response queries."""
+    from conftest import CORPUS, build_llama, build_tokenizer
+
+    root = tmp_path_factory.mktemp("stream")
+    tokenizer = build_tokenizer()
+    build_llama(len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    train = write_queries(root / "train.jsonl", [{"id": f"t{i}", "text": f"{t} Row {i}."}
+                                                          for i, t in enumerate(CORPUS[:10])])
+    qfile = write_queries(root / "q.jsonl", [
+        {"id": "alice", "prompt": "Alice Smith was born in", "response": " Paris"},
+        {"id": "bob", "prompt": "Bob Jones studied", "response": " physics at Oxford"},
+        {"id": "sum", "prompt": "What is 2 plus 3?", "response": " It is 5."}])
+    return root, train, qfile
+
+
+@pytest.mark.parametrize("mode", ["dot", "cosine"])
+def test_score_stream_equals_extract_then_score_with_no_curvature(stream_world, mode):
+    """Same seed / ranks / modules: the streamed top-k (ids, order) and scores equal a float32 store's
+    `score(curvature="none")`, and the streamed full matrix equals the store's."""
+    from dataworth.extract import ExtractConfig, extract
+
+    root, train, qfile = stream_world
+    settings_ = dict(modules=r"model\.layers\.1\..*", projection="random", rank_in=4, rank_out=3, seed=5)
+    store_dir = root / "store"
+    if not store_dir.exists():
+        extract(ExtractConfig(model=str(root / "model"), data=str(train), out=str(store_dir), dtype="float32",
+                              shard_rows=4, batch_size=3, device="cpu", **settings_), progress=False)
+    stored = S.score(store_dir, qfile, mode=mode, curvature="none", top_k=4, full=True, device="cpu")
+    streamed = S.score_stream(str(root / "model"), train, qfile, mode=mode, top_k=4, batch_size=3, full=True,
+                              device="cpu", **settings_)
+    assert streamed.summary["dim"] == stored.summary["dim"] and streamed.summary["n_rows"] == 10
+    np.testing.assert_allclose(streamed.matrix, stored.matrix, rtol=1e-4,
+                               atol=1e-5 * np.abs(stored.matrix).max())
+    a, b = streamed.to_pandas(), stored.to_pandas()
+    columns = ["query_id", "direction", "rank", "train_id", "train_row"]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-4, atol=1e-5 * np.abs(b["score"]).max())
+
+
+def test_score_stream_cli_saves_scores_and_refuses_contradictory_flags(stream_world, tmp_path):
+    from dataworth.cli import cli
+
+    root, train, qfile = stream_world
+    out = tmp_path / "out"
+    args = ["score", "--no-store", "--model", str(root / "model"), "--data", str(train), "--queries", str(qfile),
+            "--out", str(out), "--modules", r"model\.layers\.1\.mlp\..*", "--rank", "2", "--top-k", "3"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    loaded = S.load_scores(out)
+    assert loaded.summary["streaming"] is True and loaded.summary["n_rows"] == 10
+    assert len(loaded.top_k("alice")) == 3
+    direct = S.score_stream(str(root / "model"), train, qfile, modules=r"model\.layers\.1\.mlp\..*", rank_in=2,
+                            rank_out=2, top_k=3, device="cpu")
+    pd.testing.assert_frame_equal(loaded.to_pandas(), direct.to_pandas())
+    for bad, message in [(args[:3] + args[5:], "--no-store needs --data"),
+                         (args + ["--curvature", "ekfac"], "--curvature ekfac"),
+                         (args + ["--store", str(tmp_path)], "--store"),
+                         (["score", "--queries", str(qfile), "--out", str(out)], "--store is required")]:
+        refused = CliRunner().invoke(cli, bad)
+        assert refused.exit_code == 2, refused.output
+        assert message in refused.output and len(refused.output.strip().splitlines()) == 1
