@@ -126,6 +126,8 @@ def test_scores_through_a_task_equal_the_explicit_formula_and_positive_means_hel
     curvature = dw.load_curvature(store, "raw")
     queries = tensor_batches(x[:3], y[:3], ids=["q0", "q1", "q2"])
     scores = score_with_task(store, model, task, queries, curvature="raw", full=True, top_k=2)
+    via_score = dw.score(store.path, queries, model, task=task, curvature="raw", full=True, top_k=2)
+    np.testing.assert_array_equal(via_score.matrix, scores.matrix)  # dw.score accepts a Task too
     q, _ = measurement_gradients(store, model, task, queries)
     want = curvature.precondition64(q) @ store.matrix().astype(np.float64).T
     np.testing.assert_allclose(scores.matrix, want, rtol=1e-4, atol=1e-7)

@@ -616,8 +616,13 @@ def score(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     device: str = "auto",
     memory_budget_mb: float | None = None,
+    task=None,
 ) -> Scores:
     """``dw.score``: influence of every row of the store at ``store_path`` on each query.
+
+    With a ``task`` (`dataworth.task.Task`, any model): ``model`` is the ``nn.Module`` and ``queries`` are
+    batches the task understands; the measurement is ``task.compute_measurement`` (this hands off to
+    `dataworth.task.score_with_task`).
 
     ``queries``: a data spec for ``dataworth.data.load_rows`` (JSONL from ``generate`` with prompt/response —
     the measurement is the summed loss of the response given the prompt — or text, messages, any dataset
@@ -629,6 +634,13 @@ def score(
     buffers (`score_budget`). Launched by torchrun / accelerate (``WORLD_SIZE`` > 1): queries are split over
     ranks for their gradients, each rank scores its shards, top-k merged exactly, rank 0 saves.
     """
+    if task is not None:
+        from dataworth.task import score_with_task
+
+        if model is None:
+            raise InputError("score(task=...): pass the model (an nn.Module) the task measures")
+        return score_with_task(store_path, model, task, queries, curvature=curvature, mode=mode, top_k=top_k,
+                               full=full, self_influence=self_influence, out=out)
     from dataworth.store import open_store
 
     check_mode(mode)
