@@ -6,20 +6,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a shared machine many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_digits_mlp_detects_flipped_labels_by_self_influence(tmp_path, capsys):

@@ -23,15 +23,6 @@ PROMPTS = ["Alice Smith was born in", "What is 2 plus 3?", "Bob", "Reverse the w
            "The capital of France is Paris. Oxford is a", "hello"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads
-    made these tests 10-30x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):

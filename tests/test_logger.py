@@ -22,14 +22,6 @@ from conftest import build_gpt2, build_llama
 VOCAB = 60
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a shared machine many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def rows_of(n: int, seed: int = 0, prefix: str = "r") -> list[Encoded]:
     """Rows of different lengths, each with a prompt (no loss) and a response."""

@@ -27,14 +27,6 @@ from dataworth.task import (
 from conftest import build_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a shared machine many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

@@ -36,14 +36,6 @@ DATA = f"builtin:bios?{WORLD}"
 QUERIES = f"builtin:bios:queries?{WORLD}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they made steps 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -157,9 +157,9 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     t = time.perf_counter()
     store_dir = out / "store"
     _say(f"[3/6] extract LoGra gradients (rank {config.rank}, modules {config.modules}) → {store_dir}")
-    store = extract(ExtractConfig(model=str(model_dir), data=data_spec, out=str(store_dir), modules=config.modules,
-                                  projection=config.projection, rank_in=config.rank, rank_out=config.rank,
-                                  seed=config.seed, dtype=config.dtype, device="cpu", shard_rows=256))
+    extract(ExtractConfig(model=str(model_dir), data=data_spec, out=str(store_dir), modules=config.modules,
+                          projection=config.projection, rank_in=config.rank, rank_out=config.rank,
+                          seed=config.seed, dtype=config.dtype, device="cpu", shard_rows=256))
     seconds["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from dataworth.errors import InputError
+from dataworth.scoring import _atomic
 
 MISSING = "<missing>"
 LEDGER_COLUMNS = ["n_docs", "positive_sum", "positive_mean", "negative_sum", "negative_mean", "net_sum", "net_mean",
@@ -239,11 +240,3 @@ def save_ledger(ledger: pd.DataFrame, out_dir, by: str | None = None) -> tuple[P
     return paths
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -26,7 +26,6 @@ import base64
 import hashlib
 import html
 import io
-import json
 import math
 import os
 import re
