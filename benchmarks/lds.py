@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,14 +61,27 @@ def methods(quick: bool) -> list[tuple[str, A]]:
     rows.append(("projection", A(projection="pca", rank=32, curvature="ekfac", mode="dot")))
     rows.append(("projection", A(projection="identity", curvature="ekfac", mode="dot")))
     rows.append(("projection", A(projection="identity", curvature="none", mode="dot")))
+    rows.append(("projection", A(projection="identity", curvature="kfac", mode="dot")))
+    rows.append(("projection", A(projection="identity", curvature="ekfac", mode="relative")))
     for mode in ("dot", "relative"):
         rows.append(("checkpoint ensemble", A(projection="random", rank=32, curvature="ekfac", mode=mode,
                                                checkpoints="ensemble")))
     rows.append(("checkpoint ensemble", A(projection="pca", rank=32, curvature="ekfac", mode="dot",
                                            checkpoints="ensemble")))
+    rows.append(("checkpoint ensemble", A(projection="identity", curvature="ekfac", mode="dot",
+                                           checkpoints="ensemble")))
     for mix in (0.0, 0.5):
         rows.append(("trackstar", A(projection="identity", rank=1024, optimizer="adam", mix=mix)))
     rows.append(("trackstar", A(projection="identity", rank=1024, optimizer="adam", mix=0.5, checkpoints="ensemble")))
+    rows.append(("trackstar", A(projection="identity", rank=0, optimizer="adam")))
+    rows.append(("trackstar", A(projection="identity", rank=0, optimizer="adam", checkpoints="ensemble")))
+    # The measured retrain loss includes the response's end token; dataworth's query gradient leaves it out
+    # by default. The same options with it measured (attribution of exactly the measured loss):
+    for option in (A(projection="random", rank=32, curvature="ekfac", mode="dot"),
+                   A(projection="identity", curvature="none", mode="dot"),
+                   A(projection="identity", curvature="ekfac", mode="dot"),
+                   A(projection="identity", curvature="ekfac", mode="dot", checkpoints="ensemble")):
+        rows.append(("end token measured", replace(option, measure_end_token=True)))
     if quick:
         rows = [r for r in rows if r[1].curvature != "raw" or r[1].mode == "dot"]
     return rows
@@ -101,7 +115,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="task directory [out/lds, or out/lds-quick with --quick]")
     parser.add_argument("--quick", action="store_true", help="smoke run on an 11-row world")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
-    parser.add_argument("--only", default=None, help="only options whose label contains this text")
+    parser.add_argument("--only", default=None, help="only options whose label contains one of these '|'-separated texts")
     args = parser.parse_args()
     out = Path(args.out or ("out/lds-quick" if args.quick else "out/lds"))
 
@@ -117,7 +131,7 @@ def main() -> None:
     extract_s: dict[str, float] = {}
     memo: dict = {}  # query gradients and fitted curvatures shared between options of the same store
     for group, method in methods(args.quick):
-        if args.only and args.only not in method.label():
+        if args.only and not any(part in method.label() for part in args.only.split("|")):
             continue
         keys = store_keys(task, method)
         fresh = [k for k in keys if not (out / "stores" / k / "manifest.json").exists()]

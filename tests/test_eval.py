@@ -210,3 +210,13 @@ def test_cli_lds_and_facts_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     facts = json.loads(facts_json.read_text())
     assert {"recall@1", "recall@10", "mrr"} <= set(facts) and "BM25" in result.output
+
+
+@pytest.mark.parametrize("fields, needle", [({"rank": 0}, "--rank"), ({"optimizer": "adam"}, "--projection identity"),
+                                            ({"checkpoints": "all"}, "--checkpoints"), ({"mode": "sum"}, "--mode"),
+                                            ({"projection": "identity", "optimizer": "adam", "mix": 2.0}, "--mix")])
+def test_bad_attribution_options_are_refused_naming_the_flag(fields, needle):
+    from dataworth.retrain import AttributionConfig
+
+    with pytest.raises(InputError, match=needle):
+        AttributionConfig(**fields).check()

@@ -29,8 +29,10 @@ replicates of a subset differ only by training noise — that is what the noise 
 model's tokenizer; with every row and the base seed it reproduces ``dataworth.train`` bit for bit (tested).
 Models are not kept: only the per-query losses.
 
-The query measurement is ``batching.example_losses``: the loss summed over the query's target (response)
-tokens. Sign convention shared with ``dataworth.scoring``: a positive score means the training row *lowers*
+The query measurement is ``batching.example_losses``: the loss summed over the query's target tokens as
+``data.encode_rows`` marks them — the response *and* its appended end token. (``extract.query_gradients``
+leaves that end token out of the query gradient by default; ``AttributionConfig.measure_end_token`` puts
+it back so that exactly the measured loss is attributed. ``benchmarks/lds.py`` reports both.) Sign convention shared with ``dataworth.scoring``: a positive score means the training row *lowers*
 the query loss, so the LDS correlates summed scores with the *negated* loss (``dataworth.evaluate.lds``).
 """
 
@@ -591,7 +593,10 @@ class AttributionConfig:
     checkpoint's Adam second moment) — exact only with ``identity`` projection, which this requires —
     then densely projected to ``rank`` dims, preconditioned with the damped mixture
     ``R = (1 − mix)·R_train + mix·R_query`` of the train and query gradient second moments, and unit-normalised
-    (``mode`` is then ignored: TrackStar is a cosine).
+    (``mode`` is then ignored: TrackStar is a cosine). ``rank=0`` with ``adam``: no projection and ``R = I``.
+    ``measure_end_token``: the query gradient includes the appended end-of-sequence target, exactly like the
+    measured retrain loss (``query_losses``); off by default because ``extract.query_gradients`` leaves it
+    out for prompt/response rows (its shared "stop here" gradient drowns the answer's signal).
     """
 
     projection: str = "random"
@@ -603,11 +608,16 @@ class AttributionConfig:
     checkpoints: str = "final"
     optimizer: str = "none"
     mix: float = 0.5
+    measure_end_token: bool = False
 
     def label(self) -> str:
+        return self._label() + (" +end-token" if self.measure_end_token else "")
+
+    def _label(self) -> str:
         proj = "identity" if self.projection == "identity" else f"{self.projection}-{self.rank}"
         if self.optimizer == "adam":
-            return f"trackstar {proj}→{self.rank} mix={self.mix}" + (" ensemble" if self.checkpoints == "ensemble" else "")
+            how = "exact, R=I" if self.rank == 0 else f"{proj}→{self.rank} mix={self.mix}"
+            return f"trackstar {how}" + (" ensemble" if self.checkpoints == "ensemble" else "")
         extra = " ensemble" if self.checkpoints == "ensemble" else ""
         return f"{proj} {self.curvature}/{self.mode}{extra}"
 
@@ -625,6 +635,8 @@ class AttributionConfig:
             raise InputError(f"--optimizer: must be none or adam, got {self.optimizer!r}")
         if self.optimizer == "adam" and self.projection != "identity":
             raise InputError("--optimizer adam (TrackStar) needs --projection identity (exact per-element scaling)")
+        if self.rank < (0 if self.optimizer == "adam" else 1):
+            raise InputError(f"--rank: must be >= 1 (0 only with --optimizer adam), got {self.rank}")
         if not 0 <= self.mix <= 1:
             raise InputError(f"--mix: must be in [0, 1], got {self.mix}")
 
@@ -671,11 +683,11 @@ def _scores_at(task: LdsTask, model_dir: Path, method: AttributionConfig, progre
                                   shard_rows=4096, max_length=task.config.train.max_length), progress=progress)
     if list(store.ids) != task.train_ids:
         raise InputError(f"{store_dir}: store rows are not the task's training rows in order")
-    key = ("queries", str(store_dir))
+    key = ("queries", str(store_dir), method.measure_end_token)
     if key not in memo:
         loaded = load_model(str(model_dir), device="cpu")
         memo[key] = query_gradients(store, loaded.model, loaded.tokenizer, task.query_rows(),
-                                    chat=task.config.train.chat)
+                                    chat=task.config.train.chat, measure_end_token=method.measure_end_token)
     queries = memo[key]
     if method.optimizer == "adam":
         return trackstar_scores(store, queries, model_dir, method)
@@ -723,6 +735,8 @@ def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: Att
         st["_bias2"] = 1.0 - beta2 ** int(meta["step"][name])
     train = adam_normalise(store.matrix(), store, states, float(meta["eps"]))
     query = adam_normalise(query_rows, store, states, float(meta["eps"]))
+    if method.rank == 0:  # no projection and R = I: the cosine of the Adam-normalised exact gradients
+        return _unit(query.astype(np.float64)) @ _unit(train.astype(np.float64)).T
     both = torch.from_numpy(np.concatenate([train, query]))
     projected = dense_project(both, store.manifest["projection"]["seed"], method.rank).double().numpy()
     train_p, query_p = projected[: len(train)], projected[len(train):]
@@ -731,10 +745,12 @@ def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: Att
     values = np.clip(values, 0, None)
     damping = 0.1 * values.mean() if method.damping == "auto" else float(method.damping)
     whiten = (vectors / np.sqrt(values + damping)) @ vectors.T  # R^{-1/2}
-    t, q = train_p @ whiten, query_p @ whiten
-    t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-30)
-    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-    return q @ t.T
+    return _unit(query_p @ whiten) @ _unit(train_p @ whiten).T
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
 
 
 # ----------------------------------------------------------------------------------------- evaluation runs

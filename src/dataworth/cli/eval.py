@@ -33,7 +33,7 @@ _TASK = [
 ]
 _METHOD = [
     click.option("--projection", type=click.Choice(["random", "pca", "identity"]), default="random", show_default=True),
-    click.option("--rank", type=int, default=32, show_default=True, help="LoGra k_in = k_out (TrackStar: dense dims)."),
+    click.option("--rank", type=int, default=32, show_default=True, help="LoGra k_in = k_out (TrackStar: dense dims, 0 = exact with R = I)."),
     click.option("--curvature", type=click.Choice(["none", "raw", "kfac", "ekfac"]), default="ekfac", show_default=True),
     click.option("--damping", default="auto", show_default=True, help="λ > 0 or 'auto'."),
     click.option("--mode", type=click.Choice(["dot", "cosine", "relative"]), default="dot", show_default=True),
@@ -44,6 +44,8 @@ _METHOD = [
                  help="adam: TrackStar (Adam second-moment normalisation; needs --projection identity)."),
     click.option("--mix", type=float, default=0.5, show_default=True,
                  help="TrackStar: weight of the query second moment in the curvature mixture."),
+    click.option("--measure-end-token", is_flag=True,
+                 help="Query gradients include the appended end token, like the measured retrain loss."),
 ]
 _JSON = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                      help="Also write the figures as one JSON object (keys as printed).")
@@ -68,13 +70,12 @@ def _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep
                      replicates=replicates, checkpoints=keep_checkpoints, seed=seed)
 
 
-def _method(projection, rank, curvature, damping, mode, modules, checkpoint_mode, optimizer, mix):
+def _method(projection, rank, curvature, damping, mode, modules, checkpoint_mode, optimizer, mix, measure_end_token):
     from dataworth.retrain import AttributionConfig
 
-    if rank < 1:
-        raise InputError(f"--rank: must be >= 1, got {rank}")
     return AttributionConfig(projection=projection, rank=rank, curvature=curvature, damping=damping, mode=mode,
-                             modules=modules, checkpoints=checkpoint_mode, optimizer=optimizer, mix=mix)
+                             modules=modules, checkpoints=checkpoint_mode, optimizer=optimizer, mix=mix,
+                             measure_end_token=measure_end_token)
 
 
 def _fmt(value) -> str:
@@ -109,7 +110,7 @@ def eval_group() -> None:
 @_options(_JSON, _QUIET)
 def lds_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, out_dir,
                 projection, rank, curvature, damping, mode, modules, checkpoint_mode, optimizer, mix,
-                leave_out_percent, random_draws, bootstrap, json_path, quiet):
+                measure_end_token, leave_out_percent, random_draws, bootstrap, json_path, quiet):
     """Linear Datamodeling Score (TRAK): Spearman over subsets of summed scores vs −query loss.
 
     Trains the full-data model, retrains on M random α-subsets (× replicates, cached in --out, resumable),
@@ -125,7 +126,7 @@ def lds_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_
 
     config = _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed)
     figures = eval_lds(out_dir, config, _method(projection, rank, curvature, damping, mode, modules, checkpoint_mode,
-                                                optimizer, mix),
+                                                optimizer, mix, measure_end_token),
                        leave_out_percent=tuple(leave_out_percent), random_draws=random_draws, n_bootstrap=bootstrap,
                        progress=not quiet)
     _emit(figures, json_path)
@@ -139,7 +140,7 @@ def lds_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_
 @_options(_JSON, _QUIET)
 def brittleness_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, out_dir,
                         projection, rank, curvature, damping, mode, modules, checkpoint_mode, optimizer, mix,
-                        ks, queries_sampled, random_draws, json_path, quiet):
+                        measure_end_token, ks, queries_sampled, random_draws, json_path, quiet):
     """Remove each query's top-k attributed rows, retrain, and compare the query-loss increase with removing k
     random rows (top_increase@k, random_increase@k, ratio@k, top_beats_random@k).
 
@@ -151,7 +152,7 @@ def brittleness_command(data, queries, preset, epochs, alpha, subsets, replicate
 
     config = _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed)
     figures = eval_brittleness(out_dir, config, _method(projection, rank, curvature, damping, mode, modules,
-                                                        checkpoint_mode, optimizer, mix),
+                                                        checkpoint_mode, optimizer, mix, measure_end_token),
                                ks=tuple(ks) or (1, 2, 4), n_queries=queries_sampled, random_draws=random_draws,
                                progress=not quiet)
     _emit(figures, json_path)
