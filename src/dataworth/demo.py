@@ -28,10 +28,11 @@ class DemoConfig:
     world: str = ""
     preset: str = "tiny"
     epochs: int | None = None
-    modules: str = "all"
-    projection: str = "random"
-    # Rank 64 on all layers measured best on the default world (EK-FAC recall@10 0.78 vs 0.65 at rank 32);
-    # `raw` is left out by default: its float64 eigendecompositions of 4096² blocks take minutes on a CPU.
+    # Exact (identity-projection) gradients of the MLP output projections, where a transformer stores facts:
+    # measured on the default world, EK-FAC recall@10 0.94 (MRR 0.74) vs 0.78 for LoGra rank 64 on all 28
+    # layers and 0.86 at rank 128. Use `--projection random --rank K --modules all` for compressed stores.
+    modules: str = r"mlp\.down_proj"
+    projection: str = "identity"
     rank: int = 64
     dtype: str = "float16"
     curvatures: tuple[str, ...] = ("none", "kfac", "ekfac")
@@ -156,7 +157,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
 
     t = time.perf_counter()
     store_dir = out / "store"
-    _say(f"[3/6] extract LoGra gradients (rank {config.rank}, modules {config.modules}) → {store_dir}")
+    size = "exact" if config.projection == "identity" else f"{config.projection}, rank {config.rank}"
+    _say(f"[3/6] extract per-example gradients ({size}; modules {config.modules}) → {store_dir}")
     extract(ExtractConfig(model=str(model_dir), data=data_spec, out=str(store_dir), modules=config.modules,
                           projection=config.projection, rank_in=config.rank, rank_out=config.rank,
                           seed=config.seed, dtype=config.dtype, device="cpu", shard_rows=256))

@@ -16,8 +16,10 @@ from dataworth.demo import DemoConfig, format_table, run_demo
 @click.option("--epochs", type=int, default=None, help="Override the preset's epochs.")
 @click.option("--rank", type=int, default=DemoConfig.rank, show_default=True)
 @click.option("--modules", default=DemoConfig.modules, show_default=True)
+@click.option("--projection", type=click.Choice(["random", "pca", "identity"]), default=DemoConfig.projection,
+              show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
-def demo_command(out, world, preset, epochs, rank, modules, json_out):
+def demo_command(out, world, preset, epochs, rank, modules, projection, json_out):
     """Train a tiny model on builtin:bios, generate answers, attribute them, and write a report.
 
     \b
@@ -26,7 +28,8 @@ def demo_command(out, world, preset, epochs, rank, modules, json_out):
       dataworth demo --out demo_out
       dataworth demo --out quick --world '?people=12' --preset tiny-test
     """
-    result = run_demo(DemoConfig(out=out, world=world, preset=preset, epochs=epochs, rank=rank, modules=modules))
+    result = run_demo(DemoConfig(out=out, world=world, preset=preset, epochs=epochs, rank=rank, modules=modules,
+                                 projection=projection))
     if result.fact_accuracy is not None:
         click.echo(f"fact accuracy of the trained model (greedy exact match): {result.fact_accuracy:.3f}")
     click.echo("\nFact tracing on builtin:bios (gold = the documents stating the fact):\n")
