@@ -16,6 +16,11 @@ The task (``build_lds_task(out_dir, LdsConfig(...)) -> LdsTask``)::
     out_dir/retrains/removal-<sha>-rR.json  one removal retrain (leave-k-out / brittleness), keyed by the
                                        removed set; ``full-rR.json`` is the all-rows reference retrain
 
+Public API: ``LdsConfig``, ``build_lds_task(out, config) -> LdsTask`` (``load_lds_task`` never trains),
+``LdsTask.evaluate(scores [Q, N]) -> dict`` (``evaluate.lds_summary``), ``removal_losses`` / ``full_losses`` /
+``removal_test`` (leave-k-out, brittleness), ``AttributionConfig`` + ``attribution_scores(task, method)``
+(dataworth's own scores for the task), and ``eval_lds`` / ``eval_brittleness`` / ``eval_facts`` (the CLI).
+
 A retrain file (written atomically when that retrain is done)::
 
     {"name": "subset-003-r0", "seed": 1234, "included": ["doc-001", ...],  # ids of the training rows used
