@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from dataworth.errors import InputError
+from dataworth.store import first_difference
 
 if TYPE_CHECKING:
     import torch
@@ -219,28 +220,6 @@ def raise_together(ctx: DistContext, error: BaseException | None) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Agreement before work
-
-
-def first_difference(reference: Any, other: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """The first dotted key where two JSON-like values differ, with both values (None if equal)."""
-    if isinstance(reference, dict) and isinstance(other, dict):
-        for k in list(reference) + [k for k in other if k not in reference]:
-            sub = f"{key}.{k}" if key else str(k)
-            if k not in reference or k not in other:
-                return sub, reference.get(k, "<missing>"), other.get(k, "<missing>")
-            found = first_difference(reference[k], other[k], sub)
-            if found:
-                return found
-        return None
-    if isinstance(reference, (list, tuple)) and isinstance(other, (list, tuple)):
-        if len(reference) != len(other):
-            return f"{key} (length)", len(reference), len(other)
-        for i, (a, b) in enumerate(zip(reference, other)):
-            found = first_difference(a, b, f"{key}[{i}]")
-            if found:
-                return found
-        return None
-    return None if reference == other else (key, reference, other)
 
 
 def check_agreement(ctx: DistContext, what: dict[str, Any], label: str) -> None:

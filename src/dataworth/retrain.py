@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from dataworth.errors import InputError
+from dataworth.store import first_difference
 
 CACHE_FORMAT = "dataworth-retrain-cache"
 CACHE_VERSION = 1
@@ -274,17 +275,6 @@ def _with_new_train_fields(stored: dict, current: dict) -> dict:
         if key not in train and key in defaults:
             train[key] = defaults[key]
     return {**stored, "train": train}
-
-
-def first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """The first (dotted key, old, new) where two JSON values differ, or None."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            found = first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
-            if found:
-                return found
-        return None
-    return None if old == new else (key, old, new)
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -298,20 +298,22 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
 
 
-def _first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """The first dotted key (``model.fingerprint``, ``modules[2].k_out``) where two JSON values differ."""
+def first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key (``model.fingerprint``, ``modules[2].k_out``) where two JSON-like values differ,
+    with both values; None when equal. Lists and tuples compare alike; ``1`` and ``1.0`` differ.
+    Shared by store resumption, distributed agreement checks and the retrain cache."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in list(new) + [k for k in old if k not in new]:
-            sub = f"{key}.{k}" if key else k
+            sub = f"{key}.{k}" if key else str(k)
             if k not in old or k not in new:
                 return sub, old.get(k, "<missing>"), new.get(k, "<missing>")
-            found = _first_difference(old[k], new[k], sub)
+            found = first_difference(old[k], new[k], sub)
             if found:
                 return found
         return None
-    if isinstance(old, list) and isinstance(new, list):
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
         for i, (a, b) in enumerate(zip(old, new)):
-            found = _first_difference(a, b, f"{key}[{i}]")
+            found = first_difference(a, b, f"{key}[{i}]")
             if found:
                 return found
         if len(old) != len(new):
@@ -320,6 +322,9 @@ def _first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any]
     if old != new or type(old) is not type(new):
         return key, old, new
     return None
+
+
+_first_difference = first_difference
 
 
 def _short(value: Any, limit: int = 40) -> str:
