@@ -93,3 +93,26 @@ def tiny_gpt2(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_neox(tiny_tokenizer):
     return build_neox(len(tiny_tokenizer))
+
+
+def write_test_store(path, rows, modules, header, *, shard_rows=7, dtype="float32", kfac=None):
+    """A finished store holding ``rows`` (``[N, D]``) with the given ``ModuleSpec``s, ids ``row{i}``, and
+    optional KFAC factors ``{module: (S, A)}`` written as extraction does (``curvature/kfac_factors``)."""
+    import numpy as np
+
+    from dataworth.curvature import KFAC_FACTORS
+    from dataworth.store import StoreWriter
+
+    rows = np.asarray(rows)
+    writer = StoreWriter(path, modules=modules, dtype=dtype, shard_rows=shard_rows, header=header)
+    for shard, start in enumerate(range(0, len(rows), shard_rows)):
+        part = rows[start : start + shard_rows]
+        ids = [f"row{i}" for i in range(start, start + len(part))]
+        writer.write_shard(shard, part, ids, np.zeros(len(part)), np.ones(len(part), dtype=np.int64))
+    if kfac is not None:
+        tensors = {}
+        for name, (s, a) in kfac.items():
+            tensors[f"{name}.S"] = torch.as_tensor(s, dtype=torch.float64)
+            tensors[f"{name}.A"] = torch.as_tensor(a, dtype=torch.float64)
+        writer.save_tensors(KFAC_FACTORS, tensors, metadata={"n_rows": str(len(rows)), "n_tokens": "0"})
+    return writer.finalize()

@@ -17,27 +17,15 @@ from click.testing import CliRunner
 
 from dataworth import curvature as C
 from dataworth.errors import InputError
-from dataworth.store import ModuleSpec, StoreWriter, modules_layout, open_store
+from dataworth.store import ModuleSpec, modules_layout, open_store
+
+from conftest import write_test_store
 
 HEADER = {"projection": {"kind": "identity"}, "model": {"fingerprint": "test-model"}, "data": {}, "config": {}}
 
 
 def write_store(path, rows, modules, *, shard_rows=7, dtype="float32", kfac=None):
-    """A finished store holding ``rows`` (``[N, D]``) with the given ``ModuleSpec``s and optional KFAC factors
-    ``{module: (S, A)}`` written as extraction does (``curvature/kfac_factors.safetensors``)."""
-    rows = np.asarray(rows)
-    writer = StoreWriter(path, modules=modules, dtype=dtype, shard_rows=shard_rows, header=HEADER)
-    for shard, start in enumerate(range(0, len(rows), shard_rows)):
-        part = rows[start : start + shard_rows]
-        ids = [f"row{i}" for i in range(start, start + len(part))]
-        writer.write_shard(shard, part, ids, np.zeros(len(part)), np.ones(len(part), dtype=np.int64))
-    if kfac is not None:
-        tensors = {}
-        for name, (s, a) in kfac.items():
-            tensors[f"{name}.S"] = torch.as_tensor(s, dtype=torch.float64)
-            tensors[f"{name}.A"] = torch.as_tensor(a, dtype=torch.float64)
-        writer.save_tensors(C.KFAC_FACTORS, tensors, metadata={"n_rows": str(len(rows)), "n_tokens": "0"})
-    return writer.finalize()
+    return write_test_store(path, rows, modules, HEADER, shard_rows=shard_rows, dtype=dtype, kfac=kfac)
 
 
 # ---------------------------------------------------------------------------------------------------------

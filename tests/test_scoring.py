@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from dataworth import curvature as C
 from dataworth import scoring as S
 from dataworth.errors import InputError
-from dataworth.store import StoreWriter, modules_layout
+from dataworth.store import modules_layout
+
+from conftest import write_test_store
 
 HEADER = {"projection": {"kind": "identity"}, "model": {"fingerprint": "fp-store"},
           "data": {}, "config": {"model": "tiny-model-dir"}}
@@ -28,13 +30,7 @@ MODULES = modules_layout([("a", 3, 4), ("b", 2, 3)])  # D = 12 + 6 = 18
 
 
 def write_store(path, rows, modules=MODULES, *, shard_rows=7, dtype="float32"):
-    rows = np.asarray(rows)
-    writer = StoreWriter(path, modules=modules, dtype=dtype, shard_rows=shard_rows, header=HEADER)
-    for shard, start in enumerate(range(0, len(rows), shard_rows)):
-        part = rows[start : start + shard_rows]
-        ids = [f"row{i}" for i in range(start, start + len(part))]
-        writer.write_shard(shard, part, ids, np.zeros(len(part)), np.ones(len(part), dtype=np.int64))
-    return writer.finalize()
+    return write_test_store(path, rows, modules, HEADER, shard_rows=shard_rows, dtype=dtype)
 
 
 def dense_inverse(store, curvature) -> np.ndarray:
