@@ -40,13 +40,19 @@ WORLD = "?people=8&distractors=8"
 QUICK_WORLD = "?people=3&distractors=2"
 
 
-def task_config(quick: bool) -> LdsConfig:
+def task_config(quick: bool, measure: str = "answer") -> LdsConfig:
     from dataworth.train import TrainConfig
 
     world = QUICK_WORLD if quick else WORLD
     return LdsConfig(data="builtin:bios" + world, queries="builtin:bios:queries" + world,
                      train=TrainConfig.from_preset("tiny-test", epochs=2 if quick else None),
-                     alpha=0.5, subsets=8 if quick else 32, replicates=2, checkpoints=2 if quick else 4, seed=0)
+                     alpha=0.5, subsets=8 if quick else 32, replicates=2, checkpoints=2 if quick else 4, seed=0,
+                     measure=measure)
+
+
+def task_dir_name(quick: bool, measure: str) -> str:
+    """``out/<this>``: one cache per task (a cache never holds another configuration's retrains)."""
+    return ("lds-quick" if quick else "lds") + ("" if measure == "answer" else "-end-token")
 
 
 def methods(quick: bool) -> list[tuple[str, A]]:
@@ -116,11 +122,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run on an 11-row world")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     parser.add_argument("--only", default=None, help="only options whose label contains one of these '|'-separated texts")
+    parser.add_argument("--measure", default="answer", choices=("answer", "answer+end"),
+                        help="query loss each retrain measures (LdsConfig.measure)")
     args = parser.parse_args()
-    out = Path(args.out or ("out/lds-quick" if args.quick else "out/lds"))
+    out = Path(args.out or Path("out") / task_dir_name(args.quick, args.measure))
 
     started = time.perf_counter()
-    task = build_lds_task(out, task_config(args.quick), progress=True)
+    task = build_lds_task(out, task_config(args.quick, args.measure), progress=True)
     print(f"task: {len(task.train_ids)} rows, {len(task.query_ids)} queries, {task.masks.shape[0]} subsets × "
           f"{task.losses.shape[0]} seeds, retrains ready in {time.perf_counter() - started:.0f}s "
           f"(cache {out})", file=sys.stderr)

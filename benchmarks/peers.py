@@ -150,15 +150,21 @@ def format_table(rows: list[dict]) -> str:
 
 # -------------------------------------------------------------------------------------------- the task
 
-def lds_task_config(quick: bool):
-    """The LDS task of ``benchmarks/lds.py`` (same config → same cache → the same retrains for every method)."""
+def lds_benchmark():
+    """``benchmarks/lds.py`` as a module: its task (same config → same cache → the SAME retrains)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("benchmarks_lds", HERE / "lds.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks_lds"] = module
-    spec.loader.exec_module(module)
-    return module.task_config(quick)
+    if "benchmarks_lds" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("benchmarks_lds", HERE / "lds.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks_lds"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["benchmarks_lds"]
+
+
+def lds_task_config(quick: bool, measure: str = "answer"):
+    """The LDS task of ``benchmarks/lds.py`` for ``measure`` (``dataworth.retrain.MEASURES``)."""
+    return lds_benchmark().task_config(quick, measure)
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ def lds_of(task, scores: np.ndarray) -> dict:
 
 
 def one_step_effects(model_dir: str, train_spec: str, queries_spec: str, modules: str, max_length: int,
-                     step_norm: float = 1e-3) -> np.ndarray:
+                     measure: str = "answer", step_norm: float = 1e-3) -> np.ndarray:
     """Ground truth for the sign check: ``[Q, N]`` decrease of each query's loss after one gradient step on
     training row n alone, ``L_q(θ) − L_q(θ − η ∇L_n(θ))`` (float64), over the watched layers' weights.
 
@@ -215,12 +221,14 @@ def one_step_effects(model_dir: str, train_spec: str, queries_spec: str, modules
     from dataworth.data import encode_rows, load_rows
     from dataworth.logging import select_modules
     from dataworth.models import load_model
+    from dataworth.retrain import measured_queries
 
     loaded = load_model(model_dir, device="cpu")
     model = loaded.model.double().eval()
     pad = loaded.tokenizer.pad_token_id
     train, _ = encode_rows(load_rows(train_spec), loaded.tokenizer, max_length=max_length)
     queries, _ = encode_rows(load_rows(queries_spec), loaded.tokenizer, max_length=max_length)
+    queries = measured_queries(queries, loaded.tokenizer, measure)
     weights = [m.weight for _, m in select_modules(model, modules)]
     q_batch = collate(queries, range(len(queries)), pad)
 
@@ -314,13 +322,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--no-retrain", action="store_true",
                     help="never train missing LDS retrains; LDS is n/a unless the cache is complete")
     ap.add_argument("--skip-setup", action="store_true", help="do not (re)run peers_setup.sh")
+    ap.add_argument("--measure", default="answer", choices=("answer", "answer+end"),
+                    help="query loss every method attributes and every retrain measures (default: the answer)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     kind = "quick" if args.quick else "full"
     size = SIZES[kind]
-    task_dir = Path(args.task_dir or ROOT / "out" / ("lds-quick" if args.quick else "lds"))
-    work = Path(args.out or ROOT / "out" / ("peers-quick" if args.quick else "peers"))
+    task_dir = Path(args.task_dir or ROOT / "out" / lds_benchmark().task_dir_name(args.quick, args.measure))
+    work = Path(args.out or ROOT / "out" / ("peers-quick" if args.quick else "peers")
+                / ("" if args.measure == "answer" else "end-token"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     python = setup_peers(args.skip_setup)
@@ -330,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dataworth.evaluate import fact_tracing_metrics
     from dataworth.retrain import build_lds_task
 
-    config = lds_task_config(args.quick)
+    config = lds_task_config(args.quick, args.measure)
     # stop_after=0: train (or reuse) the attributed model only; the retrains are only needed for the LDS.
     try:
         build_lds_task(task_dir, config, progress=True, stop_after=0)
@@ -354,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ap.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(m.name for m in chosen)})")
         chosen = [m for m in chosen if m.name in wanted]
     common = ["--model", str(model_dir), "--train", str(work / "train.jsonl"), "--queries",
-              str(work / "queries.jsonl"), "--max-length", str(max_length), "--threads", str(args.threads)]
+              str(work / "queries.jsonl"), "--max-length", str(max_length), "--threads", str(args.threads),
+              "--measure", config.measure]
     rows = []
     for method in chosen:
         print(f"[peers] {method.name} …", file=sys.stderr, flush=True)
@@ -369,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows.append(result)
 
     print("[peers] sign check: one-step ground truth …", file=sys.stderr, flush=True)
-    truth = one_step_effects(str(model_dir), str(work / "train.jsonl"), str(work / "queries.jsonl"), "all", max_length)
+    truth = one_step_effects(str(model_dir), str(work / "train.jsonl"), str(work / "queries.jsonl"), "all", max_length,
+                             config.measure)
     task, lds_note = None, ""
     try:
         task = build_lds_task(task_dir, config, progress=True, stop_after=0 if args.no_retrain else None)

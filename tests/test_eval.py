@@ -106,11 +106,49 @@ def test_killed_run_resumes_without_retraining_finished_subsets(tmp_path):
 
 
 @pytest.mark.parametrize("change, key", [({"alpha": 0.25}, "alpha"), ({"seed": 1}, "seed"),
-                                         ({"subsets": MIN_SUBSETS + 1}, "subsets")])
+                                         ({"subsets": MIN_SUBSETS + 1}, "subsets"),
+                                         ({"measure": "answer+end"}, "measure")])
 def test_cache_from_another_configuration_is_refused_naming_the_key(tmp_path, change, key):
     build_lds_task(tmp_path / "t", _config(), trainer=ToyTrainer(), progress=False, stop_after=1)
     with pytest.raises(InputError, match=rf"cache\.json: retrain cache was made with {key}="):
         build_lds_task(tmp_path / "t", _config(**change), trainer=ToyTrainer(), progress=False)
+
+
+def test_cache_made_before_measure_existed_opens_as_answer_plus_end_only(tmp_path):
+    build_lds_task(tmp_path / "t", _config(measure="answer+end"), trainer=ToyTrainer(), progress=False, stop_after=1)
+    path = tmp_path / "t" / "cache.json"
+    header = json.loads(path.read_text())
+    del header["config"]["measure"]  # what a cache written before the field existed looks like
+    path.write_text(json.dumps(header))
+    build_lds_task(tmp_path / "t", _config(measure="answer+end"), trainer=ToyTrainer(), progress=False, stop_after=1)
+    with pytest.raises(InputError, match=r'measure="answer\+end", this run has measure="answer"'):
+        build_lds_task(tmp_path / "t", _config(), trainer=ToyTrainer(), progress=False)
+
+
+def test_unknown_measure_is_refused_naming_the_flag():
+    with pytest.raises(InputError, match="--measure"):
+        _config(measure="everything")
+
+
+def test_answer_measure_is_the_response_loss_without_the_end_token(tiny_tokenizer):
+    import torch
+
+    from dataworth.batching import collate, example_losses, token_losses
+    from dataworth.data import Row, encode_rows
+    from dataworth.retrain import measured_queries
+
+    rows = [Row("q", "prompt_response", {"prompt": "Alice was born in", "response": " Paris."}, "test:1")]
+    encoded, _ = encode_rows(rows, tiny_tokenizer, max_length=64)
+    answer = measured_queries(encoded, tiny_tokenizer, "answer")[0]
+    assert encoded[0].input_ids[-1] == tiny_tokenizer.eos_token_id and encoded[0].loss_mask[-1] == 1
+    assert answer.input_ids == encoded[0].input_ids and answer.loss_mask == encoded[0].loss_mask[:-1] + [0]
+    assert measured_queries(encoded, tiny_tokenizer, "answer+end")[0] == encoded[0]
+    logits = torch.randn(1, len(answer.input_ids), len(tiny_tokenizer))
+    full = collate(encoded, [0], tiny_tokenizer.pad_token_id)
+    per_token = token_losses(logits, full)[0]  # per target position, 0 elsewhere; the end token is last
+    expected = per_token[:-1].sum()  # every target but the final (end) token
+    got = example_losses(logits, collate([answer], [0], tiny_tokenizer.pad_token_id))[0]
+    torch.testing.assert_close(got, expected)
 
 
 def test_other_training_config_is_refused_naming_the_field(tmp_path):

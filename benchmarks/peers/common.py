@@ -44,6 +44,9 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the same for every method)")
     ap.add_argument("--modules", default="all", help="dataworth.logging.select_modules spec of the watched layers")
+    ap.add_argument("--measure", default="answer", choices=("answer", "answer+end"),
+                    help="query loss measured: the response tokens, or also the appended end token "
+                         "(dataworth.retrain.MEASURES; must match the LDS task's)")
     if extra is not None:
         extra(ap)
     args = ap.parse_args()
@@ -80,12 +83,14 @@ def load_task(args: argparse.Namespace) -> PeerTask:
     from dataworth.data import encode_rows, load_rows
     from dataworth.logging import select_modules
     from dataworth.models import load_model
+    from dataworth.retrain import measured_queries
 
     loaded = load_model(args.model, device="cpu")
     model = loaded.model.float().eval()
     train_rows, query_rows = load_rows(args.train), load_rows(args.queries)
     train, _ = encode_rows(train_rows, loaded.tokenizer, max_length=args.max_length)
     queries, _ = encode_rows(query_rows, loaded.tokenizer, max_length=args.max_length)
+    queries = measured_queries(queries, loaded.tokenizer, args.measure)  # the retrains' measurement, exactly
     pad = loaded.tokenizer.pad_token_id
     pad_id = int(pad if pad is not None else loaded.tokenizer.eos_token_id)
     names = [n for n, _ in select_modules(model, args.modules)]

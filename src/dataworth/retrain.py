@@ -34,11 +34,13 @@ replicates of a subset differ only by training noise — that is what the noise 
 model's tokenizer; with every row and the base seed it reproduces ``dataworth.train`` bit for bit (tested).
 Models are not kept: only the per-query losses.
 
-The query measurement is ``batching.example_losses``: the loss summed over the query's target tokens as
-``data.encode_rows`` marks them — the response *and* its appended end token. (``extract.query_gradients``
-leaves that end token out of the query gradient by default; ``AttributionConfig.measure_end_token`` puts
-it back so that exactly the measured loss is attributed. ``benchmarks/lds.py`` reports both.) Sign convention shared with ``dataworth.scoring``: a positive score means the training row *lowers*
-the query loss, so the LDS correlates summed scores with the *negated* loss (``dataworth.evaluate.lds``).
+The query measurement is ``batching.example_losses``, the loss summed over the query's target tokens, with
+``LdsConfig.measure`` choosing which: ``answer`` (default) — the response tokens only, the same measurement
+``extract.query_gradients`` attributes by default — or ``answer+end`` — the response *and* the end token that
+``data.encode_rows`` appends (what caches made before ``measure`` existed hold; they open as ``answer+end``).
+``AttributionConfig.measure_end_token`` chooses what the *attribution* measures, so the two can be crossed.
+Sign convention shared with ``dataworth.scoring``: a positive score means the training row *lowers* the query
+loss, so the LDS correlates summed scores with the *negated* loss (``dataworth.evaluate.lds``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ CACHE_VERSION = 1
 # Below 8 subsets a per-query Spearman correlation is noise: under the null its standard deviation is
 # 1/sqrt(M-1) ≥ 0.38, so even a perfect method could not be told from chance on one query.
 MIN_SUBSETS = 8
+# What a retrain measures per query: the response tokens, or the response plus its appended end token.
+MEASURES = ("answer", "answer+end")
 # TrainConfig fields that do not change the trained weights (not part of the cache identity).
 _RUNTIME_TRAIN_FIELDS = ("threads", "save_every_epoch")
 
@@ -82,6 +86,7 @@ class LdsConfig:
     ``subsets``: M ≥ ``MIN_SUBSETS``. ``replicates``: seeds per subset (≥ 2 gives the noise ceiling).
     ``checkpoints``: how many evenly spaced per-epoch checkpoints of the full-data model to keep (checkpoint
     ensembles); 0 keeps only the final model. ``seed``: draws the subsets and the retrain seeds.
+    ``measure``: ``answer`` (the response tokens) or ``answer+end`` (plus the appended end token).
     """
 
     data: str
@@ -92,6 +97,7 @@ class LdsConfig:
     replicates: int = 2
     checkpoints: int = 0
     seed: int = 0
+    measure: str = "answer"
 
     def __post_init__(self) -> None:
         if self.train is None:
@@ -110,6 +116,8 @@ class LdsConfig:
             raise InputError(f"--replicates: must be >= 1, got {self.replicates}")
         if self.checkpoints < 0:
             raise InputError(f"--checkpoints: must be >= 0, got {self.checkpoints}")
+        if self.measure not in MEASURES:
+            raise InputError(f"--measure: must be one of {', '.join(MEASURES)}, got {self.measure!r}")
 
     def identity(self) -> dict:
         """The keys that decide every cached number; ``cache.json`` must match them exactly."""
@@ -120,7 +128,7 @@ class LdsConfig:
         train["lora_targets"] = list(train["lora_targets"])
         return {"data": self.data, "queries": self.queries, "train": train, "alpha": float(self.alpha),
                 "subsets": int(self.subsets), "replicates": int(self.replicates),
-                "checkpoints": int(self.checkpoints), "seed": int(self.seed)}
+                "checkpoints": int(self.checkpoints), "seed": int(self.seed), "measure": self.measure}
 
 
 def derived_seed(*parts: object) -> int:
@@ -260,13 +268,16 @@ class RetrainCache:
 
 
 def _with_new_train_fields(stored: dict, current: dict) -> dict:
-    """``stored`` with TrainConfig fields added since the cache was made filled in with their class defaults.
+    """``stored`` with fields added since the cache was made filled in with what those runs did.
 
     A field added to ``TrainConfig`` later did not exist when the cache was trained, so those runs behaved as
-    its default does; a run that sets it to anything else still differs (and is refused).
+    its default does; a run that sets it to anything else still differs (and is refused). Caches made before
+    ``measure`` existed measured ``answer+end``.
     """
     from dataworth.train import TrainConfig
 
+    if "measure" not in stored:
+        stored = {**stored, "measure": "answer+end"}
     if not isinstance(stored.get("train"), dict) or not isinstance(current.get("train"), dict):
         return stored
     defaults = LdsConfig(data="", queries="", train=TrainConfig(), subsets=MIN_SUBSETS).identity()["train"]
@@ -388,7 +399,16 @@ def _context(config: LdsConfig, model_dir: Path) -> _Context:
     cfg = config.train
     encoded, _ = encode_rows(load_rows(config.data), tokenizer, max_length=cfg.max_length, chat=cfg.chat)
     queries, _ = encode_rows(load_rows(config.queries), tokenizer, max_length=cfg.max_length, chat=cfg.chat)
-    return _Context(config, tokenizer, encoded, queries)
+    return _Context(config, tokenizer, encoded, measured_queries(queries, tokenizer, config.measure))
+
+
+def measured_queries(queries: Sequence[Any], tokenizer: Any, measure: str) -> list:
+    """The encoded queries with exactly the ``measure``d targets in their loss masks (``MEASURES``)."""
+    from dataworth.extract import without_end_token
+
+    if measure == "answer":
+        return [without_end_token(q, tokenizer) for q in queries]
+    return list(queries)
 
 
 # -------------------------------------------------------------------------------------------- the builders
@@ -589,9 +609,9 @@ class AttributionConfig:
     then densely projected to ``rank`` dims, preconditioned with the damped mixture
     ``R = (1 − mix)·R_train + mix·R_query`` of the train and query gradient second moments, and unit-normalised
     (``mode`` is then ignored: TrackStar is a cosine). ``rank=0`` with ``adam``: no projection and ``R = I``.
-    ``measure_end_token``: the query gradient includes the appended end-of-sequence target, exactly like the
-    measured retrain loss (``query_losses``); off by default because ``extract.query_gradients`` leaves it
-    out for prompt/response rows (its shared "stop here" gradient drowns the answer's signal).
+    ``measure_end_token``: the query gradient includes the appended end-of-sequence target (matching a task
+    with ``measure="answer+end"``); off by default, like ``extract.query_gradients`` for prompt/response rows
+    (its shared "stop here" gradient drowns the answer's signal) and like the default ``measure="answer"``.
     """
 
     projection: str = "random"

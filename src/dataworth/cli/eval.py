@@ -28,6 +28,8 @@ _TASK = [
     click.option("--keep-checkpoints", type=int, default=0, show_default=True,
                  help="Per-epoch checkpoints of the full-data model to keep (for --checkpoints ensemble)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsets and retrains."),
+    click.option("--measure", type=click.Choice(["answer", "answer+end"]), default="answer", show_default=True,
+                 help="Query loss each retrain measures: the response tokens, or also the appended end token."),
     click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
                  help="Task directory: full-data model + retrain cache (resumable; another config is refused)."),
 ]
@@ -45,7 +47,7 @@ _METHOD = [
     click.option("--mix", type=float, default=0.5, show_default=True,
                  help="TrackStar: weight of the query second moment in the curvature mixture."),
     click.option("--measure-end-token", is_flag=True,
-                 help="Query gradients include the appended end token, like the measured retrain loss."),
+                 help="Query gradients include the appended end token (match --measure answer+end)."),
 ]
 _JSON = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                      help="Also write the figures as one JSON object (keys as printed).")
@@ -61,13 +63,13 @@ def _options(*groups):
     return decorate
 
 
-def _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed):
+def _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, measure):
     from dataworth.retrain import LdsConfig, auto_queries
     from dataworth.train import TrainConfig
 
     return LdsConfig(data=data, queries=queries or auto_queries(data),
                      train=TrainConfig.from_preset(preset, epochs=epochs), alpha=alpha, subsets=subsets,
-                     replicates=replicates, checkpoints=keep_checkpoints, seed=seed)
+                     replicates=replicates, checkpoints=keep_checkpoints, seed=seed, measure=measure)
 
 
 def _method(projection, rank, curvature, damping, mode, modules, checkpoint_mode, optimizer, mix, measure_end_token):
@@ -108,7 +110,7 @@ def eval_group() -> None:
 @click.option("--random-draws", type=int, default=1, show_default=True, help="Random removals per query (leave-k-out).")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples of the query mean.")
 @_options(_JSON, _QUIET)
-def lds_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, out_dir,
+def lds_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, measure, out_dir,
                 projection, rank, curvature, damping, mode, modules, checkpoint_mode, optimizer, mix,
                 measure_end_token, leave_out_percent, random_draws, bootstrap, json_path, quiet):
     """Linear Datamodeling Score (TRAK): Spearman over subsets of summed scores vs −query loss.
@@ -124,7 +126,7 @@ def lds_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_
     """
     from dataworth.retrain import eval_lds
 
-    config = _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed)
+    config = _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, measure)
     figures = eval_lds(out_dir, config, _method(projection, rank, curvature, damping, mode, modules, checkpoint_mode,
                                                 optimizer, mix, measure_end_token),
                        leave_out_percent=tuple(leave_out_percent), random_draws=random_draws, n_bootstrap=bootstrap,
@@ -138,7 +140,7 @@ def lds_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_
 @click.option("--queries-sampled", type=int, default=4, show_default=True, help="Queries tested (seeded sample).")
 @click.option("--random-draws", type=int, default=1, show_default=True, help="Random removals per query and k.")
 @_options(_JSON, _QUIET)
-def brittleness_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, out_dir,
+def brittleness_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, measure, out_dir,
                         projection, rank, curvature, damping, mode, modules, checkpoint_mode, optimizer, mix,
                         measure_end_token, ks, queries_sampled, random_draws, json_path, quiet):
     """Remove each query's top-k attributed rows, retrain, and compare the query-loss increase with removing k
@@ -150,7 +152,7 @@ def brittleness_command(data, queries, preset, epochs, alpha, subsets, replicate
     """
     from dataworth.retrain import eval_brittleness
 
-    config = _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed)
+    config = _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, measure)
     figures = eval_brittleness(out_dir, config, _method(projection, rank, curvature, damping, mode, modules,
                                                         checkpoint_mode, optimizer, mix, measure_end_token),
                                ks=tuple(ks) or (1, 2, 4), n_queries=queries_sampled, random_draws=random_draws,
