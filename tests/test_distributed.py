@@ -321,8 +321,14 @@ def test_tight_budget_splits_queries_into_batches_one_store_pass_each(tmp_path):
     q = np.random.default_rng(2).normal(size=(50, 128)).astype(np.float32)
     ids = [f"q{i}" for i in range(50)]
     reads = []
-    real = store.read_rows
-    store.read_rows = lambda a, b: (reads.append(b - a), real(a, b))[1]
+    real = store.iter_row_ranges
+
+    def counting(ranges, **kw):
+        for start, block in real(ranges, **kw):
+            reads.append(len(block))
+            yield start, block
+
+    store.iter_row_ranges = counting
     got = score_rows(store, q, ids, curv, "dot", top_k=5, full=True, memory_budget_mb=0.05)
     batch = got.summary["query_batch"]
     assert batch < 50 and got.summary["store_passes"] == -(-50 // batch)

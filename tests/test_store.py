@@ -24,6 +24,7 @@ from dataworth.store import (
     modules_layout,
     load_tensors,
     open_store,
+    raw_to_float32,
     save_tensors,
 )
 
@@ -193,6 +194,39 @@ def test_iter_blocks_over_many_small_shards_with_odd_block_sizes_equals_matrix(t
         assert np.array_equal(store.read_rows(start, stop), whole[start:stop])
     with pytest.raises(IndexError):
         store.read_rows(30, 38)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_reused_blocks_equal_fresh_blocks_for_every_dtype_and_blocks_across_shards(tmp_path, dtype):
+    rows, ids, loss, tokens = make_rows(37, DIM, seed=3)
+    store = write_store(tmp_path / "s", rows, ids, loss, tokens, shard_rows=4, dtype=dtype).finalize()
+    whole = store.matrix()
+    assert np.array_equal(whole, torch_reference(rows, dtype))
+    for block_rows in (1, 3, 4, 5, 37):
+        seen = []
+        for start, block in store.iter_blocks(block_rows, reuse=True):
+            assert block.dtype == np.float32
+            seen.append((start, block.copy()))  # a reused block is valid until the next one: copy it
+        fresh = list(store.iter_blocks(block_rows))
+        assert [s for s, _ in seen] == [s for s, _ in fresh]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(seen, fresh))
+    if dtype == "float32":  # inside one shard a float32 block is the shard's own read-only memory map
+        start, block = next(store.iter_blocks(4, reuse=True))
+        assert isinstance(block, np.memmap) and not block.flags.writeable
+
+
+def test_float16_widening_equals_numpy_for_all_65536_bit_patterns():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    halves = bits.view(np.float16)
+    ours = raw_to_float32(halves, "float16")
+    theirs = halves.astype(np.float32)
+    nan = np.isnan(theirs)
+    assert np.array_equal(np.isnan(ours), nan)
+    assert np.array_equal(ours[~nan].view(np.uint32), theirs[~nan].view(np.uint32))
+    out = np.full((256, 256), 7.0, dtype=np.float32)
+    assert raw_to_float32(bits.reshape(256, 256), "bfloat16", out=out) is out
+    assert np.array_equal(out.reshape(-1).view(np.uint32)[~np.isnan(out.reshape(-1))],
+                          bf16_bits_to_float32(bits)[~np.isnan(out.reshape(-1))].view(np.uint32))
 
 
 def test_shard_array_is_a_raw_memmap(small_store):

@@ -366,8 +366,8 @@ def kronecker_eigenvalue_fit(
 
 def _row_blocks(store, block_rows: int, ctx: DistContext = SINGLE) -> Iterator[np.ndarray]:
     """Store rows in order, ``[B, D]`` float32 blocks (callers upcast per module); only this rank's shards."""
-    for _start, block in iter_owned_blocks(store, block_rows, ctx):
-        yield block
+    for _start, block in iter_owned_blocks(store, block_rows, ctx, reuse=True):
+        yield block  # valid until the next one: every consumer folds it into sums first
 
 
 def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:

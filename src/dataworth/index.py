@@ -73,7 +73,7 @@ def build_index(store_path, factory: str | None = None, block_rows: int = DEFAUL
     started = time.perf_counter()
     if not index.is_trained:
         index.train(training_rows(store, train_size or max(40 * getattr(index, "nlist", 1), 10000)))
-    for _start, block in store.iter_blocks(block_rows):
+    for _start, block in store.iter_blocks(block_rows, reuse=True):
         index.add(np.ascontiguousarray(block, dtype=np.float32))
     meta = {"format": "dataworth-faiss-index", "version": 1, "factory": factory, "rows": store.rows,
             "dim": store.dim, "metric": "inner_product", "ids_sha256": store.manifest["ids"]["sha256"],

@@ -79,7 +79,7 @@ def score_block(mode: str, preconditioned: np.ndarray, block: np.ndarray, query_
     if mode == "dot":
         return dots
     if mode == "cosine":
-        row_norms = np.linalg.norm(np.asarray(block, dtype=np.float64), axis=1)
+        row_norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))  # float64 sums, no f64 copy
         denom = np.outer(query_norms, row_norms)
     elif mode == "relative":
         denom = np.broadcast_to(self_influence, dots.shape)
@@ -272,7 +272,7 @@ def check_mode(mode: str, flag: str = "--mode") -> str:
 
 def self_influence(store, curvature: Curvature, block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
     """``s(n, n)`` for every store row ``[N]`` float64, streaming the store in blocks."""
-    parts = [self_influence_block(curvature, block) for _start, block in store.iter_blocks(block_rows)]
+    parts = [self_influence_block(curvature, block) for _start, block in store.iter_blocks(block_rows, reuse=True)]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -363,7 +363,7 @@ def score_rows(
             positive = StreamingTopK(q1 - q0, k, descending=True, allow_gaps=ctx.active)
             negative = StreamingTopK(q1 - q0, k, descending=False, allow_gaps=ctx.active)
             seen = 0
-            for start, block in iter_owned_blocks(store, block_rows, ctx):
+            for start, block in iter_owned_blocks(store, block_rows, ctx, reuse=True):
                 self_inf = self_influence_block(curvature, block) if need_self else None
                 if with_self_influence and passes == 0:
                     self_parts.append(self_inf)

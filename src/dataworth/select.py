@@ -665,7 +665,7 @@ def compute_scores(config: SelectConfig, task: str) -> dict:
         if pairs is None:
             pairs = np.zeros((pool.rows, valid.rows))
         # Σ_c η̄_c · cos, streamed over pool blocks so a large pool never sits in memory whole
-        for start, block in pool.iter_blocks():
+        for start, block in pool.iter_blocks(reuse=True):
             pairs[start:start + len(block)] += ckpt["avg_lr"] * cosine_matrix(block, valid_matrix)
         lrs.append(ckpt["avg_lr"])
     scores, names, per_subtask = aggregate_scores(pairs, subtasks, config.aggregate, config.across)
