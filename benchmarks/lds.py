@@ -81,8 +81,16 @@ def methods(quick: bool) -> list[tuple[str, A]]:
     rows.append(("trackstar", A(projection="identity", rank=1024, optimizer="adam", mix=0.5, checkpoints="ensemble")))
     rows.append(("trackstar", A(projection="identity", rank=0, optimizer="adam")))
     rows.append(("trackstar", A(projection="identity", rank=0, optimizer="adam", checkpoints="ensemble")))
-    # The measured retrain loss includes the response's end token; dataworth's query gradient leaves it out
-    # by default. The same options with it measured (attribution of exactly the measured loss):
+    # Which layers are watched: the MLP layers (where transformers store facts) or only their output
+    # projections (dataworth's demo default) instead of every linear layer.
+    for modules in ("mlp", r"mlp\.down_proj"):
+        rows.append(("layers", A(projection="identity", curvature="ekfac", mode="dot", modules=modules)))
+    rows.append(("layers", A(projection="random", rank=128, curvature="ekfac", mode="dot", modules="mlp")))
+    rows.append(("layers", A(projection="identity", curvature="ekfac", mode="dot", modules="mlp",
+                             checkpoints="ensemble")))
+    rows.append(("layers", A(projection="identity", rank=0, optimizer="adam", modules="mlp", checkpoints="ensemble")))
+    # Attributing the query loss *with* the appended end token while the retrains measure the answer only
+    # (a mismatched measurement; dataworth's query gradients leave the end token out by default):
     for option in (A(projection="random", rank=32, curvature="ekfac", mode="dot"),
                    A(projection="identity", curvature="none", mode="dot"),
                    A(projection="identity", curvature="ekfac", mode="dot"),
@@ -157,7 +165,8 @@ def main() -> None:
             seconds = elapsed
         else:
             seconds = elapsed + sum(extract_s.get(k, 0.0) for k in keys)
-        row = {"group": group, "method": method.label(), **task.evaluate(scores), "seconds": round(seconds, 2)}
+        label = method.label() + ("" if method.modules == "all" else f" [{method.modules}]")
+        row = {"group": group, "method": label, **task.evaluate(scores), "seconds": round(seconds, 2)}
         results.append(row)
         print(f"{row['method']}: lds {row['lds']:.3f} [{row['lds_ci_low']:.3f}, {row['lds_ci_high']:.3f}] "
               f"{seconds:.1f}s", file=sys.stderr)

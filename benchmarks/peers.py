@@ -46,6 +46,7 @@ ROOT = HERE.parent
 ADAPTERS = HERE / "peers"
 PEERS_VENV = HERE / "_peers_venv"
 REFERENCE = "dataworth"
+DOWN_PROJ = r"mlp\.down_proj"  # dataworth.logging.select_modules regex: the MLP output projections
 
 
 # --------------------------------------------------------------------------------------------- the methods
@@ -64,15 +65,31 @@ class Method:
 
 
 def methods(rank: int, trak_dim: int) -> list[Method]:
-    """The compared methods: dataworth (EK-FAC = the reference of the ratios; also plain dot products and the
-    exact projected Fisher ``raw``, LogIX's default), Kronfluence EK-FAC and identity (unprojected), LogIX
-    (LoGra at the same rank as dataworth), TRAK (projection capped below N, see `trak_dim_for`)."""
+    """The compared methods: dataworth (LoGra EK-FAC = the reference of the ratios; also plain dot products,
+    the exact projected Fisher ``raw`` (LogIX's default), EK-FAC on exact gradients like Kronfluence's, and the
+    most accurate option of ``benchmarks/lds.py``: TrackStar scoring averaged over the kept checkpoints),
+    Kronfluence EK-FAC and identity (unprojected), LogIX (LoGra at the same rank as dataworth), TRAK
+    (projection capped below N, see `trak_dim_for`)."""
     return [
         Method(REFERENCE, "run_dataworth.py", ("--rank", str(rank), "--curvature", "ekfac"), peer=False),
         Method("dataworth (raw)", "run_dataworth.py", ("--rank", str(rank), "--curvature", "raw"), peer=False),
         Method("dataworth (none)", "run_dataworth.py", ("--rank", str(rank), "--curvature", "none"), peer=False),
+        Method("dataworth (exact ekfac)", "run_dataworth.py", ("--projection", "identity", "--curvature", "ekfac"),
+               peer=False),
+        Method("dataworth (trackstar ensemble)", "run_dataworth.py",
+               ("--projection", "identity", "--rank", "0", "--optimizer", "adam", "--checkpoints", "ensemble"),
+               peer=False),
+        # The same layers for dataworth and Kronfluence: the MLP output projections (dataworth's demo default)
+        # and every MLP layer.
+        Method("dataworth (exact ekfac, down_proj)", "run_dataworth.py",
+               ("--projection", "identity", "--curvature", "ekfac", "--modules", DOWN_PROJ), peer=False),
+        Method("dataworth (trackstar ensemble, mlp)", "run_dataworth.py",
+               ("--projection", "identity", "--rank", "0", "--optimizer", "adam", "--checkpoints", "ensemble",
+                "--modules", "mlp"), peer=False),
         Method("kronfluence-ekfac", "run_kronfluence.py", ("--strategy", "ekfac")),
         Method("kronfluence-identity", "run_kronfluence.py", ("--strategy", "identity")),
+        Method("kronfluence-ekfac (down_proj)", "run_kronfluence.py", ("--strategy", "ekfac", "--modules", DOWN_PROJ)),
+        Method("kronfluence-ekfac (mlp)", "run_kronfluence.py", ("--strategy", "ekfac", "--modules", "mlp")),
         Method("logix", "run_logix.py", ("--rank", str(rank))),
         Method("trak", "run_trak.py", ("--proj-dim", str(trak_dim))),
     ]

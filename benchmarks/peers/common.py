@@ -78,14 +78,15 @@ class PeerTask:
         return [e.id for e in self.queries]
 
 
-def load_task(args: argparse.Namespace) -> PeerTask:
-    """Model, tokenizer and encoded rows exactly as dataworth's own stages build them."""
+def load_task(args: argparse.Namespace, model_dir: str | None = None) -> PeerTask:
+    """Model (``model_dir`` or ``--model``), tokenizer and encoded rows exactly as dataworth's own stages
+    build them."""
     from dataworth.data import encode_rows, load_rows
     from dataworth.logging import select_modules
     from dataworth.models import load_model
     from dataworth.retrain import measured_queries
 
-    loaded = load_model(args.model, device="cpu")
+    loaded = load_model(model_dir or args.model, device="cpu")
     model = loaded.model.float().eval()
     train_rows, query_rows = load_rows(args.train), load_rows(args.queries)
     train, _ = encode_rows(train_rows, loaded.tokenizer, max_length=args.max_length)

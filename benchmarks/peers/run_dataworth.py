@@ -5,6 +5,11 @@
 
 fit_s = extraction (store written to DIR/store, with its per-shard KFAC statistics) + curvature fit;
 score_s = query gradients + scoring every training row. Sign: dataworth's own convention, no flip.
+
+``--checkpoints ensemble``: the same on every kept checkpoint of the model (``MODEL/checkpoints/epoch-N``),
+scores averaged (TRAK's ensemble / TracIn's checkpoint sum); ``--optimizer adam``: TrackStar scoring
+(``dataworth.retrain.trackstar_scores``: exact gradients divided by the checkpoint's √v̂ + ε, unit-normalised;
+``--rank 0`` = no projection, R = I), which needs ``--projection identity``. Times include every checkpoint.
 """
 
 from __future__ import annotations
@@ -24,34 +29,70 @@ def options(ap) -> None:
     ap.add_argument("--curvature", default="ekfac", help="none | raw | kfac | ekfac")
     ap.add_argument("--mode", default="dot", help="dot | cosine | relative")
     ap.add_argument("--damping", default="auto")
+    ap.add_argument("--checkpoints", default="final", choices=("final", "ensemble"),
+                    help="ensemble: average the scores of every MODEL/checkpoints/epoch-N")
+    ap.add_argument("--optimizer", default="none", choices=("none", "adam"), help="adam: TrackStar scoring")
 
 
 def main() -> None:
     args = parse_args(__doc__, options)
-    from dataworth.curvature import fit
-    from dataworth.extract import ExtractConfig, extract, query_gradients
-    from dataworth.scoring import score_rows
+    import numpy as np
 
+    from dataworth.retrain import AttributionConfig
+
+    method = AttributionConfig(projection=args.projection, rank=args.rank, curvature=args.curvature,
+                               damping=args.damping, mode=args.mode, modules=args.modules,
+                               checkpoints=args.checkpoints, optimizer=args.optimizer)
+    method.check()
     clock = Stopwatch()
     with clock("load"):
         task = load_task(args)
+    models = [Path(args.model)]
+    if args.checkpoints == "ensemble":
+        models = sorted((Path(args.model) / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not models:
+            raise SystemExit(f"{args.model}: no checkpoints/epoch-N to ensemble")
+    matrices, dims = [], []
+    for i, model_dir in enumerate(models):
+        matrices.append(scores_at(args, method, task if i == 0 and args.checkpoints == "final" else None,
+                                  model_dir, clock, dims))
+    rank = "exact" if args.projection == "identity" else f"k_in=k_out={args.rank}"
+    how = ("TrackStar (Adam-normalised, unit norm" + (", R=I)" if args.rank == 0 else f", dense {args.rank})")
+           if args.optimizer == "adam" else f"{args.curvature} damping {args.damping}, {args.mode}")
+    notes = (f"LoGra {args.projection} {rank} on {len(task.module_names)} layers, {how}"
+             + (f", mean of {len(models)} checkpoints" if len(models) > 1 else ""))
+    write_result(args.out, "dataworth", np.mean(matrices, axis=0), clock, task, notes=notes, store_dim=int(dims[0]))
+
+
+def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list) -> "np.ndarray":
+    """``[Q, N]`` scores of the model in ``model_dir`` (``task`` reused when it is that model, else loaded)."""
+    from dataworth.curvature import fit
+    from dataworth.extract import ExtractConfig, extract, query_gradients
+    from dataworth.retrain import trackstar_scores
+    from dataworth.scoring import score_rows
+
+    if task is None:
+        with clock("load"):
+            task = load_task(args, model_dir=str(model_dir))
     store_dir = Path(args.out) / "store"
     shutil.rmtree(store_dir, ignore_errors=True)
     damping = args.damping if args.damping == "auto" else float(args.damping)
     with clock("fit"):
-        store = extract(ExtractConfig(model=args.model, data=args.train, out=str(store_dir), modules=args.modules,
-                                      projection=args.projection, rank_in=args.rank, rank_out=args.rank,
+        store = extract(ExtractConfig(model=str(model_dir), data=args.train, out=str(store_dir), modules=args.modules,
+                                      projection=args.projection, rank_in=args.rank or 1, rank_out=args.rank or 1,
                                       dtype="float32", device="cpu", max_length=args.max_length,
                                       batch_size=args.batch_size, shard_rows=4096),
                         model=task.model, tokenizer=task.tokenizer, encoded=task.train, progress=False)
-        curvature = fit(store_dir, args.curvature, damping)
+        curvature = None if method.optimizer == "adam" else fit(store_dir, args.curvature, damping)
     with clock("score"):
         q_rows = query_gradients(store, task.model, task.tokenizer, task.queries, batch_size=args.batch_size)
-        scores = score_rows(store, q_rows, task.query_ids, curvature, mode=args.mode, top_k=10, full=True)
-    notes = (f"LoGra {args.projection} k_in=k_out={args.rank} on {len(task.module_names)} layers, "
-             f"{args.curvature} damping {args.damping}, {args.mode}")
-    write_result(args.out, "dataworth", scores.matrix, clock, task, notes=notes, store_dim=int(store.dim))
+        if method.optimizer == "adam":
+            matrix = trackstar_scores(store, q_rows, model_dir, method)
+        else:
+            matrix = score_rows(store, q_rows, task.query_ids, curvature, mode=args.mode, top_k=10, full=True).matrix
+    dims.append(store.dim)
     shutil.rmtree(store_dir, ignore_errors=True)
+    return matrix
 
 
 if __name__ == "__main__":
