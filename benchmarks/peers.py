@@ -226,53 +226,34 @@ def lds_of(task, scores: np.ndarray) -> dict:
 def one_step_effects(model_dir: str, train_spec: str, queries_spec: str, modules: str, max_length: int,
                      measure: str = "answer", step_norm: float = 1e-3) -> np.ndarray:
     """Ground truth for the sign check: ``[Q, N]`` decrease of each query's loss after one gradient step on
-    training row n alone, ``L_q(θ) − L_q(θ − η ∇L_n(θ))`` (float64), over the watched layers' weights.
+    training row n alone, ``L_q(θ) − L_q(θ − η ∇L_n(θ))`` (float64), over the watched layers' weights —
+    ``dataworth.retrain.one_step_effects`` (plain SGD, ``params`` = those weights) in float64.
 
     ``η = step_norm / median_n ‖∇L_n‖`` (one η for every row, so the ranking over rows is that of the true
     effect). To first order this is ``η ∇L_qᵀ ∇L_n``: positive ⇔ training on n lowers the query loss — the
-    sign every method's scores must share (checked by `sign_agreement`).
+    sign every method's scores must share (checked by `sign_agreement`). The norms take one extra backward
+    pass per row.
     """
     import torch
 
-    from dataworth.batching import collate, example_losses
     from dataworth.data import encode_rows, load_rows
     from dataworth.logging import select_modules
     from dataworth.models import load_model
-    from dataworth.retrain import measured_queries
+    from dataworth.retrain import measured_queries, row_gradients
+    from dataworth.retrain import one_step_effects as effects_of_one_step
 
     loaded = load_model(model_dir, device="cpu")
     model = loaded.model.double().eval()
-    pad = loaded.tokenizer.pad_token_id
     train, _ = encode_rows(load_rows(train_spec), loaded.tokenizer, max_length=max_length)
     queries, _ = encode_rows(load_rows(queries_spec), loaded.tokenizer, max_length=max_length)
     queries = measured_queries(queries, loaded.tokenizer, measure)
-    weights = [m.weight for _, m in select_modules(model, modules)]
-    q_batch = collate(queries, range(len(queries)), pad)
-
-    def query_losses() -> np.ndarray:
-        with torch.no_grad():
-            logits = model(input_ids=q_batch.input_ids, attention_mask=q_batch.attention_mask).logits
-            return example_losses(logits, q_batch).numpy()
-
-    grads = []
-    for i, row in enumerate(train):
-        b = collate([row], [i], pad)
-        loss = example_losses(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b).sum()
-        grads.append([g.detach() for g in torch.autograd.grad(loss, weights)])
-    norms = [float(torch.sqrt(sum((g * g).sum() for g in gs))) for gs in grads]
+    names = [f"{name}.weight" for name, _ in select_modules(model, modules)]
+    weights = [dict(model.named_parameters())[n] for n in names]
+    norms = [float(torch.sqrt(sum((g * g).sum() for g in gs)))
+             for gs in row_gradients(model, train, loaded.tokenizer.pad_token_id, weights)]
     eta = step_norm / float(np.median(norms))
-    base = query_losses()
-    out = np.zeros((len(queries), len(train)))
-    originals = [w.detach().clone() for w in weights]
-    for n, gs in enumerate(grads):
-        with torch.no_grad():
-            for w, g in zip(weights, gs):
-                w -= eta * g
-        out[:, n] = base - query_losses()
-        with torch.no_grad():
-            for w, w0 in zip(weights, originals):
-                w.copy_(w0)
-    return out
+    return effects_of_one_step(model, loaded.tokenizer, train, queries, lr=eta, params=names,
+                               batch_size=max(1, len(queries)))
 
 
 def sign_agreement(scores: np.ndarray, reference: np.ndarray) -> float:

@@ -99,3 +99,60 @@ def test_missing_reference_gives_no_ratios():
 def test_every_method_has_an_adapter_script():
     for method in peers.methods(rank=8, trak_dim=64):
         assert (peers.ADAPTERS / method.script).exists(), method.script
+
+
+def test_one_step_sign_check_truth_is_a_watched_weights_sgd_step_with_the_median_norm_eta(
+        tiny_llama, tiny_tokenizer, tmp_path):
+    """peers.one_step_effects (now `dataworth.retrain.one_step_effects`) against the plain loop it replaced:
+    η = step_norm / median ‖∇L_n‖ over the watched weights, one SGD step per row, query loss decrease."""
+    import copy
+    import json
+
+    import torch
+
+    from dataworth.batching import collate, example_losses
+    from dataworth.data import encode_rows, load_rows
+    from dataworth.logging import select_modules
+    from dataworth.retrain import measured_queries
+
+    copy.deepcopy(tiny_llama).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    texts = ["Alice Smith was born in Paris on 3 May 1970.", "Bob Jones studied physics at Oxford.",
+             "The capital of France is Paris.", "Reverse the word cat: tac."]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n"
+                                                  for i, t in enumerate(texts)))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q0", "prompt": "Alice Smith was born in",
+                                                  "response": " Paris"}) + "\n"
+                                      + json.dumps({"id": "q1", "prompt": "Bob Jones studied",
+                                                    "response": " physics"}) + "\n")
+    got = peers.one_step_effects(str(tmp_path / "m"), str(tmp_path / "train.jsonl"), str(tmp_path / "q.jsonl"),
+                                 "all", 64, step_norm=1e-2)
+
+    model = copy.deepcopy(tiny_llama).double().eval()
+    pad = tiny_tokenizer.pad_token_id
+    train, _ = encode_rows(load_rows(str(tmp_path / "train.jsonl")), tiny_tokenizer, max_length=64)
+    queries, _ = encode_rows(load_rows(str(tmp_path / "q.jsonl")), tiny_tokenizer, max_length=64)
+    q_batch = collate(measured_queries(queries, tiny_tokenizer, "answer"), range(2), pad)
+    weights = [m.weight for _, m in select_modules(model, "all")]
+
+    def query_losses():
+        with torch.no_grad():
+            return example_losses(model(input_ids=q_batch.input_ids, attention_mask=q_batch.attention_mask).logits,
+                                  q_batch).numpy()
+
+    grads = []
+    for i, row in enumerate(train):
+        b = collate([row], [i], pad)
+        loss = example_losses(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b).sum()
+        grads.append(torch.autograd.grad(loss, weights))
+    eta = 1e-2 / np.median([float(torch.sqrt(sum((g * g).sum() for g in gs))) for gs in grads])
+    base, expected = query_losses(), np.zeros((2, len(train)))
+    for n, gs in enumerate(grads):
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            for (_, m), g in zip(select_modules(changed, "all"), gs):
+                m.weight -= eta * g
+            logits = changed(input_ids=q_batch.input_ids, attention_mask=q_batch.attention_mask).logits
+            expected[:, n] = base - example_losses(logits, q_batch).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+    assert np.abs(expected).max() > 0

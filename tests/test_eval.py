@@ -247,7 +247,12 @@ def test_cli_lds_and_facts_end_to_end(tmp_path):
                   str(tmp_path / "facts"), "--curvature", "none", "--mode", "dot", "--quiet", "--json", str(facts_json))
     assert result.exit_code == 0, result.output
     facts = json.loads(facts_json.read_text())
-    assert {"recall@1", "recall@10", "mrr"} <= set(facts) and "BM25" in result.output
+    assert {"recall@1", "recall@10", "mrr", "tail-patch@10"} <= set(facts) and "BM25" in result.output
+    # the task's model is a dataworth train directory: its final optimizer state gives the tail-patch column
+    assert "| tail-patch@10 |" in result.output and "one-step oracle" in result.output
+    methods = {row["method"]: row for row in facts["table"]}
+    assert {"gold documents", "one-step oracle"} <= set(methods)
+    assert all(np.isfinite(row["tail-patch@10"]) for row in facts["table"])
 
 
 @pytest.mark.parametrize("fields, needle", [({"rank": 0}, "--rank"), ({"optimizer": "adam"}, "--projection identity"),

@@ -11,10 +11,12 @@ from dataworth.evaluate import (
     fact_tracing_metrics,
     lds,
     lds_summary,
+    mean_effect,
     noise_ceiling,
     ranks,
     removal_summary,
     subset_predictions,
+    tail_patch,
     top_k_rows,
 )
 
@@ -121,3 +123,33 @@ def test_removal_summary_hand_computed():
 
 def test_top_k_rows_breaks_ties_by_row_order():
     assert top_k_rows(np.array([[0.5, 0.9, 0.5, 0.1]]), 3).tolist() == [[1, 0, 2]]
+
+
+def test_tail_patch_hand_computed_with_ties_by_row_order():
+    scores = np.array([
+        [0.9, 0.1, 0.5, 0.5],  # top-2: rows 0, 2 (row 2 beats row 3 on the tie)
+        [0.0, 0.0, 0.0, 1.0],  # top-2: rows 3, 0
+    ])
+    effects = np.array([
+        [1.0, 100.0, -3.0, 7.0],
+        [4.0, 5.0, 6.0, -2.0],
+    ])
+    # q0: (1 − 3)/2 = −1; q1: (−2 + 4)/2 = 1 → mean 0.  k = 1: q0 1, q1 −2 → −0.5
+    assert tail_patch(scores, effects, 2) == pytest.approx(0.0)
+    assert tail_patch(scores, effects, 1) == pytest.approx(-0.5)
+    # the effects as scores give the largest possible value (the one-step oracle)
+    assert tail_patch(effects, effects, 2) == pytest.approx(((100 + 7) / 2 + (6 + 5) / 2) / 2)
+
+
+def test_tail_patch_refuses_mismatched_shapes_and_bad_k():
+    with pytest.raises(ValueError):
+        tail_patch(np.zeros((2, 3)), np.zeros((2, 4)), 1)
+    with pytest.raises(ValueError):
+        tail_patch(np.zeros((2, 3)), np.zeros((2, 3)), 4)
+
+
+def test_mean_effect_averages_within_then_across_queries():
+    effects = np.array([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    assert mean_effect(effects, [[0, 2], [1]]) == pytest.approx((2.0 + 20.0) / 2)
+    with pytest.raises(ValueError):
+        mean_effect(effects, [[0], []])

@@ -3,6 +3,9 @@
 Why: a newcomer should see, in one command on a laptop CPU, the answer dataworth gives (which training
 documents made the model say this) *and* evidence that it is right: on `builtin:bios` every fact query has
 gold documents (those stating the fact), so attribution is scored by recall@k / MRR against a BM25 baseline.
+Recall measures *attribution* (are the documents stating the fact found?); the ``tail-patch@10`` column
+measures *influence* (does one more training step on a retrieved document raise log p(answer)?), for every
+method including BM25 (Chang et al. 2024, §4).
 
 Each step is skipped when its output already exists (the demo resumes), so re-running is cheap.
 """
@@ -79,15 +82,35 @@ def ensure_curvature(store_path, kind: str):
         return fit(store_path, kind)
 
 
-def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, documents) -> list[dict]:
-    """recall@1 / recall@10 / MRR for each (curvature, mode) on the bios fact queries, plus BM25."""
-    from dataworth.evaluate import bm25_scores, fact_tracing_metrics
+TAIL_PATCH_K = 10
+TAIL_PATCH = f"tail-patch@{TAIL_PATCH_K}"
+
+
+def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, documents, *, train_rows=None,
+                       optimizer_dir=None) -> list[dict]:
+    """recall@1 / recall@10 / MRR for each (curvature, mode) on the bios fact queries, plus BM25.
+
+    With ``train_rows`` (the store's rows, in its order) and ``optimizer_dir`` (the trained model directory or
+    its final checkpoint, see ``retrain.final_optimizer_dir``), every row also gets ``tail-patch@10``: the mean,
+    over queries and their top-10 documents, of how much one more training step on that document alone raises
+    log p(answer) in nats (``evaluate.tail_patch`` over ``retrain.one_step_effects``, computed once; the query
+    loss is the answer's, as attributed). Two reference rows follow: ``gold documents`` (score 1 on the gold
+    rows: recall 1 by construction; its tail-patch averages the effects of the query's gold rows — 2 or 3 on
+    bios — instead of padding them to 10 with score-0 rows taken in row order) and ``one-step oracle`` (the
+    effects as scores: the highest tail-patch@10 any method can reach; its ``score_s`` is the effects' time).
+    """
+    from dataworth.evaluate import bm25_scores
     from dataworth.extract import query_gradients
     from dataworth.scoring import score_rows
 
     gold = gold_positions(queries, store.ids)
     q_rows = query_gradients(store, model, tokenizer, queries)
     q_ids = [q.id for q in queries]
+    effects, effects_s = None, 0.0
+    if optimizer_dir is not None and train_rows is not None:
+        started = time.perf_counter()
+        effects = answer_effects(store, model, tokenizer, queries, train_rows, optimizer_dir)
+        effects_s = time.perf_counter() - started
     table = []
     for kind in curvatures:
         started = time.perf_counter()
@@ -96,24 +119,74 @@ def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, docu
         for mode in modes:
             started = time.perf_counter()
             scores = score_rows(store, q_rows, q_ids, curv, mode=mode, top_k=10, full=True)
-            m = fact_tracing_metrics(np.asarray(scores.matrix), gold, ks=(1, 10))
-            table.append({"method": f"{kind}/{mode}", **m, "fit_s": round(fit_s, 2),
-                          "score_s": round(time.perf_counter() - started, 2)})
+            table.append(_table_row(f"{kind}/{mode}", np.asarray(scores.matrix), gold, effects, fit_s,
+                                    time.perf_counter() - started))
     bm25 = bm25_scores(documents, [q.data["prompt"] + q.data["response"] for q in queries])
-    table.append({"method": "BM25 (prompt+response)", **fact_tracing_metrics(bm25, gold, ks=(1, 10)),
-                  "fit_s": 0.0, "score_s": 0.0})
+    table.append(_table_row("BM25 (prompt+response)", bm25, gold, effects, 0.0, 0.0))
+    if effects is not None:
+        gold_scores = np.zeros_like(effects)
+        for q, rows in enumerate(gold):
+            gold_scores[q, rows] = 1.0
+        gold_row = _table_row("gold documents", gold_scores, gold, effects, 0.0, 0.0)
+        gold_row[TAIL_PATCH] = _gold_tail_patch(effects, gold)
+        table.append(gold_row)
+        table.append(_table_row("one-step oracle", effects, gold, effects, 0.0, effects_s))
     return table
 
 
+def answer_effects(store, model, tokenizer, queries, train_rows, optimizer_dir) -> np.ndarray:
+    """``[Q, N]`` effect of one more training step on each store row on each query's answer loss (nats;
+    ``retrain.one_step_effects`` with the final AdamW state). Rows are encoded as the store was extracted
+    (its ``max_length`` and ``chat``); queries measure the answer without the appended end token, as
+    ``extract.query_gradients`` attributes it."""
+    from dataworth.data import encode_rows
+    from dataworth.retrain import measured_queries, one_step_effects
+
+    cfg = store.manifest["config"]
+    encoded, _ = encode_rows(train_rows, tokenizer, max_length=cfg.get("max_length"), chat=cfg.get("chat", "auto"))
+    if [e.id for e in encoded] != list(store.ids):
+        raise InputError(f"{store.path}: the training rows given are not the store's rows in order")
+    encoded_queries, _ = encode_rows(queries, tokenizer, max_length=cfg.get("max_length"))
+    return one_step_effects(model, tokenizer, encoded, measured_queries(encoded_queries, tokenizer, "answer"),
+                            optimizer_dir=optimizer_dir)
+
+
+def _table_row(method: str, scores: np.ndarray, gold, effects, fit_s: float, score_s: float) -> dict:
+    from dataworth.evaluate import fact_tracing_metrics, tail_patch
+
+    row = {"method": method, **fact_tracing_metrics(scores, gold, ks=(1, 10))}
+    if effects is not None:
+        row[TAIL_PATCH] = tail_patch(scores, effects, TAIL_PATCH_K)
+    return {**row, "fit_s": round(fit_s, 2), "score_s": round(score_s, 2)}
+
+
+def _gold_tail_patch(effects: np.ndarray, gold) -> float:
+    """Mean over queries of the mean effect of the query's gold rows (the first ``TAIL_PATCH_K`` in row order)."""
+    from dataworth.evaluate import mean_effect
+
+    return mean_effect(effects, [sorted(rows)[:TAIL_PATCH_K] for rows in gold])
+
+
 def format_table(table: list[dict]) -> str:
-    """A Markdown table of the fact-tracing figures."""
-    cols = ["method", "recall@1", "recall@10", "strict_recall@10", "mrr", "fit_s", "score_s"]
+    """A Markdown table of the fact-tracing figures (``tail-patch@10`` in nats, when the rows have it)."""
+    cols = ["method", "recall@1", "recall@10", "strict_recall@10", "mrr"]
+    cols += [TAIL_PATCH] if any(TAIL_PATCH in row for row in table) else []
+    cols += ["fit_s", "score_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table:
-        cells = [row["method"]] + [f"{row[c]:.3f}" if isinstance(row[c], float) and c not in ("fit_s", "score_s")
-                                   else str(row[c]) for c in cols[1:]]
+        cells = [row["method"]] + [_cell(row.get(c), c) for c in cols[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value, column: str) -> str:
+    if value is None:
+        return "n/a"
+    if column == TAIL_PATCH:
+        return f"{value:+.4f}"
+    if isinstance(value, float) and column not in ("fit_s", "score_s"):
+        return f"{value:.3f}"
+    return str(value)
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
@@ -165,11 +238,13 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     seconds["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    _say("[4/6] fit curvature and trace facts to their gold documents")
+    _say("[4/6] fit curvature, trace facts to their gold documents, measure one-step effects (tail-patch)")
     loaded = load_model(str(model_dir), device="cpu")
-    documents = [r.data["text"] for r in load_rows(data_spec)]
+    train_rows = load_rows(data_spec)
+    documents = [r.data["text"] for r in train_rows]
+    # the final AdamW state lives in model_dir/checkpoints/epoch-<last>/ (retrain.final_optimizer_dir finds it)
     table = fact_tracing_table(open_store(store_dir), loaded.model, loaded.tokenizer, queries, config.curvatures,
-                               config.modes, documents)
+                               config.modes, documents, train_rows=train_rows, optimizer_dir=model_dir)
     seconds["fit+trace"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -207,3 +207,40 @@ def removal_summary(base: np.ndarray, top: np.ndarray, random: np.ndarray) -> di
     ti, ri = float(top_inc.mean()), float(random_inc.mean())
     return {"top_increase": ti, "random_increase": ri, "ratio": ti / ri if ri != 0 else float("nan"),
             "top_beats_random": float(np.mean(top_inc > random_inc))}
+
+
+# ------------------------------------------------------------------------------------------ tail-patch
+#
+# Chang et al. 2024, "Scalable Influence and Fact Tracing for LLM Pretraining", §4: recall/MRR measure
+# *attribution* (are the documents that state the fact retrieved?); tail-patch measures *influence* (does one
+# more training step on a retrieved document raise the model's probability of the answer?).
+
+
+def mean_effect(effects: np.ndarray, rows: Sequence[Sequence[int]]) -> float:
+    """Mean over queries of the mean of ``effects[q, n]`` over that query's rows ``rows[q]`` (non-empty).
+
+    ``effects [Q, N]``: e.g. ``retrain.one_step_effects`` (nats of query-loss decrease).
+    """
+    effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
+    if len(rows) != effects.shape[0]:
+        raise ValueError(f"{len(rows)} row lists for {effects.shape[0]} queries")
+    per_query = []
+    for q, chosen in enumerate(rows):
+        if len(chosen) == 0:
+            raise ValueError(f"query {q} has no rows")
+        per_query.append(effects[q, np.asarray(chosen, dtype=np.int64)].mean())
+    return float(np.mean(per_query))
+
+
+def tail_patch(scores: np.ndarray, effects: np.ndarray, k: int) -> float:
+    """Tail-patch@k: how much one more training step on each of a query's top-k rows helps it, on average.
+
+    ``tail_patch = (1/Q) Σ_q (1/k) Σ_{n ∈ top_k(scores[q])} effects[q, n]`` with ``scores [Q, N]`` (higher
+    ranks higher; ties by row order, as `ranks`) and ``effects [Q, N]`` the measured effect of one step on
+    row n (``retrain.one_step_effects``: positive = the step raises log p(answer), in nats). Independent of
+    any gold labels: a method that retrieves the documents stating a fact can still score low here.
+    """
+    scores, effects = np.atleast_2d(np.asarray(scores)), np.atleast_2d(np.asarray(effects))
+    if scores.shape != effects.shape:
+        raise ValueError(f"scores {scores.shape} and effects {effects.shape} must both be [Q, N]")
+    return mean_effect(effects, top_k_rows(scores, k))
