@@ -938,8 +938,7 @@ def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: Att
     from dataworth.projection import dense_project
     from dataworth.train import load_optimizer_state
 
-    ckpts = sorted((model_dir / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
-    source = model_dir if (model_dir / "optimizer.safetensors").exists() else (ckpts[-1] if ckpts else None)
+    source = final_optimizer_dir(model_dir)
     if source is None:
         raise InputError(f"{model_dir}: no optimizer state (checkpoints/epoch-N/optimizer.safetensors) for TrackStar")
     states, meta = load_optimizer_state(source)
