@@ -23,7 +23,8 @@ def demo_command(out, world, preset, epochs, rank, modules, projection, json_out
     """Train a tiny model on builtin:bios, generate answers, attribute them, and write a report.
 
     \b
-    Prints recall@1 / recall@10 / MRR of the gold documents for each curvature and mode, next to BM25.
+    Prints recall@1 / recall@10 / MRR of the gold documents for each curvature and mode, next to BM25, and
+    tail-patch@10 (how much one more training step on the top-10 documents raises log p(answer)).
     Example:
       dataworth demo --out demo_out
       dataworth demo --out quick --world '?people=12' --preset tiny-test
