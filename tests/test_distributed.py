@@ -329,7 +329,7 @@ def test_tight_budget_splits_queries_into_batches_one_store_pass_each(tmp_path):
             yield start, block
 
     store.iter_row_ranges = counting
-    got = score_rows(store, q, ids, curv, "dot", top_k=5, full=True, memory_budget_mb=0.05)
+    got = score_rows(store, q, ids, curv, "dot", top_k=5, full=True, memory_budget_mb=0.1)
     batch = got.summary["query_batch"]
     assert batch < 50 and got.summary["store_passes"] == -(-50 // batch)
     assert sum(reads) == store.rows * got.summary["store_passes"]  # each pass reads every row exactly once

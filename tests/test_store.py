@@ -215,6 +215,18 @@ def test_reused_blocks_equal_fresh_blocks_for_every_dtype_and_blocks_across_shar
         assert isinstance(block, np.memmap) and not block.flags.writeable
 
 
+def test_a_consumer_that_stops_early_leaves_no_prefetch_thread_behind(tmp_path):
+    import threading
+
+    rows, ids, loss, tokens = make_rows(37, DIM, seed=4)
+    store = write_store(tmp_path / "s", rows, ids, loss, tokens, shard_rows=4, dtype="float16").finalize()
+    blocks = store.iter_blocks(3, reuse=True)
+    start, first = next(blocks)
+    assert start == 0 and np.array_equal(first, store.read_rows(0, 3))
+    blocks.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("dataworth-prefetch")]
+
+
 def test_float16_widening_equals_numpy_for_all_65536_bit_patterns():
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     halves = bits.view(np.float16)

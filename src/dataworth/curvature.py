@@ -373,20 +373,22 @@ def _row_blocks(store, block_rows: int, ctx: DistContext = SINGLE) -> Iterator[n
 def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:
     """Rows per block so that one block's buffers fit in ``memory_budget_mb`` MiB while fitting ``kind``.
 
-    Accounted per row (bytes): ``8·D`` (float32 block + raw-to-float32 temporary) + ``32·D_max`` (float64
-    upcast of the largest module and, for ekfac, the rotated ``Q_Sᵀ Ĝ Q_A`` products and their squares).
-    Fixed, whatever the store size, and taken off the budget first: three float64 copies of the
-    accumulators (``Σ_m D_m²`` for raw, ``Σ_m k_out·k_in`` plus the eigenbases for ekfac). Too small for
-    the fixed part plus one row → InputError naming ``--memory-budget`` and the minimum.
+    Accounted per row (bytes): ``8·D`` (two float32 blocks: the current one and the next, read ahead by
+    ``Store.iter_row_ranges``) + ``32·D_max`` (float64 upcast of the largest module and, for ekfac, the rotated
+    ``Q_Sᵀ Ĝ Q_A`` products and their squares). Fixed, whatever the store size, and taken off the budget
+    first: the reader's ``PREFETCH_OVERHEAD_BYTES`` and three float64 copies of the accumulators (``Σ_m D_m²``
+    for raw, ``Σ_m k_out·k_in`` plus the eigenbases for ekfac). Too small for the fixed part plus one row →
+    InputError naming ``--memory-budget`` and the minimum.
     """
+    from dataworth.store import PREFETCH_OVERHEAD_BYTES
+
     d_max = max((m.size for m in store.modules), default=store.dim)
     per_row = 8 * store.dim + 32 * d_max
+    fixed = PREFETCH_OVERHEAD_BYTES
     if kind == "raw":
-        fixed = 3 * 8 * sum(m.size * m.size for m in store.modules)
+        fixed += 3 * 8 * sum(m.size * m.size for m in store.modules)
     elif kind == "ekfac":
-        fixed = 3 * 8 * sum(m.size + m.k_out * m.k_out + m.k_in * m.k_in for m in store.modules)
-    else:
-        fixed = 0
+        fixed += 3 * 8 * sum(m.size + m.k_out * m.k_out + m.k_in * m.k_in for m in store.modules)
     rows = int((float(memory_budget_mb) * 2**20 - fixed) // per_row)
     if rows < 1:
         raise InputError(f"--memory-budget {memory_budget_mb} MiB is too small to fit {kind} on rows of "

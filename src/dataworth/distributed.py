@@ -264,9 +264,9 @@ def iter_owned_blocks(store, block_rows: int, ctx: DistContext, *, reuse: bool =
         yield from store.iter_blocks(block_rows, reuse=reuse)
         return
     shards = store.manifest["shards"]
-    ranges = [(start, min(start + block_rows, shards[i]["first_row"] + shards[i]["rows"]))
+    ranges = ((start, min(start + block_rows, shards[i]["first_row"] + shards[i]["rows"]))
               for i in owned_shards(len(shards), ctx)
-              for start in range(shards[i]["first_row"], shards[i]["first_row"] + shards[i]["rows"], block_rows)]
+              for start in range(shards[i]["first_row"], shards[i]["first_row"] + shards[i]["rows"], block_rows))
     yield from store.iter_row_ranges(ranges, reuse=reuse)
 
 

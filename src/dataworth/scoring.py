@@ -445,19 +445,22 @@ def score_budget(memory_budget_mb: float, store, n_queries: int, top_k: int, mod
 
     Accounted (bytes): a query batch ``Qb × D × 20`` (float64 preconditioning result + float32 copy +
     float64 product temporaries) and top-k state ``Qb × k × 48``, at most half the budget; a block of ``B``
-    rows ``B × (16·D + 32·D_max + 48·Qb)`` (float32 block + raw-to-float32 temporary, float64 per-module
-    work of cosine / self-influence, ``[Qb, B]`` scores and their temporaries). Each query batch streams
-    the store once, so the store is read ``ceil(Q / Qb)`` times. A budget too small for one row of one
-    query → InputError naming ``--memory-budget``.
+    rows ``B × (16·D + 32·D_max + 48·Qb)`` (two float32 blocks — the current one and the next, read ahead by
+    ``Store.iter_row_ranges`` — with room to spare, float64 per-module work of cosine / self-influence,
+    ``[Qb, B]`` scores and their temporaries), after the reader's fixed ``PREFETCH_OVERHEAD_BYTES``. Each
+    query batch streams the store once, so the store is read ``ceil(Q / Qb)`` times. A budget too small for
+    one row of one query → InputError naming ``--memory-budget``.
     """
-    budget = float(memory_budget_mb) * 2**20
+    from dataworth.store import PREFETCH_OVERHEAD_BYTES
+
+    budget = float(memory_budget_mb) * 2**20 - PREFETCH_OVERHEAD_BYTES
     dim = store.dim
     d_max = max((m.size for m in store.modules), default=dim)
     per_query = dim * 20 + top_k * 48
     query_batch = int(min(n_queries, (budget / 2) // per_query))
     per_row = lambda qb: 16 * dim + (32 * d_max if (mode == "cosine" or need_self) else 0) + 48 * qb  # noqa: E731
     if query_batch < 1 or (budget / 2) // per_row(1) < 1:
-        need = 2 * (per_query + per_row(1)) / 2**20
+        need = (2 * (per_query + per_row(1)) + PREFETCH_OVERHEAD_BYTES) / 2**20
         raise InputError(f"--memory-budget {memory_budget_mb} MiB is too small for rows of {dim} columns; "
                          f"at least {need:.3f} MiB is needed")
     block_rows = int((budget / 2) // per_row(query_batch))
