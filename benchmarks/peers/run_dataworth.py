@@ -18,6 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Stopwatch, load_task, parse_args, write_result  # noqa: E402
@@ -36,8 +38,6 @@ def options(ap) -> None:
 
 def main() -> None:
     args = parse_args(__doc__, options)
-    import numpy as np
-
     from dataworth.retrain import AttributionConfig
 
     method = AttributionConfig(projection=args.projection, rank=args.rank, curvature=args.curvature,
@@ -64,7 +64,7 @@ def main() -> None:
     write_result(args.out, "dataworth", np.mean(matrices, axis=0), clock, task, notes=notes, store_dim=int(dims[0]))
 
 
-def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list) -> "np.ndarray":
+def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list) -> np.ndarray:
     """``[Q, N]`` scores of the model in ``model_dir`` (``task`` reused when it is that model, else loaded)."""
     from dataworth.curvature import fit
     from dataworth.extract import ExtractConfig, extract, query_gradients

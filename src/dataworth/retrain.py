@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -309,12 +308,11 @@ def train_on_rows(encoded: Sequence[Any], tokenizer: Any, config: Any, seed: int
     """A fresh model trained on ``encoded`` with ``config`` and ``seed``; returns (model in eval mode, last
     epoch's mean token loss).
 
-    The loop of ``dataworth.train`` (AdamW from ``make_optimizer``, ``lr_at`` schedule, gradient clipping,
-    a ``torch.Generator`` shuffle seeded with ``seed``, mean token loss per batch), without writing anything.
+    ``dataworth.train``'s own loop (``train.train_epochs``: AdamW, ``lr_at`` schedule, gradient clipping, a
+    seeded shuffle, mean token loss per batch), without writing anything.
     """
-    from dataworth.batching import collate, token_losses
     from dataworth.models import resolve_device
-    from dataworth.train import build_model, lr_at, make_optimizer
+    from dataworth.train import build_model, train_epochs
 
     config = dataclasses.replace(config, seed=seed, save_every_epoch=False)
     device = resolve_device(config.device)
@@ -324,37 +322,8 @@ def train_on_rows(encoded: Sequence[Any], tokenizer: Any, config: Any, seed: int
     try:
         torch.manual_seed(seed)
         model = build_model(config, tokenizer).to(device)
-        optimizer, _ = make_optimizer(model, config)
-        steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
-        total = steps_per_epoch * config.epochs
-        shuffle = torch.Generator().manual_seed(seed)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        step, last_loss = 0, float("nan")
-        model.train()
-        for _epoch in range(config.epochs):
-            order = torch.randperm(len(encoded), generator=shuffle).tolist()
-            loss_sum, target_sum = 0.0, 0
-            for start in range(0, len(order), config.batch_size):
-                index = order[start:start + config.batch_size]
-                batch = collate([encoded[i] for i in index], index, tokenizer.pad_token_id).to(device)
-                lr = lr_at(step, total, config.lr, config.warmup_ratio, config.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                per_token = token_losses(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                                         batch)
-                n_targets = int(batch.loss_mask[:, 1:].sum())
-                loss = per_token.sum() / max(n_targets, 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                optimizer.step()
-                step += 1
-                loss_sum += float(per_token.detach().sum())
-                target_sum += n_targets
-            last_loss = loss_sum / max(target_sum, 1)
-        model.eval()
-        return model, last_loss
+        _optimizer, epochs = train_epochs(model, encoded, tokenizer.pad_token_id, config, device)
+        return model, epochs[-1]["loss"] if epochs else float("nan")
     finally:
         torch.set_num_threads(before)
 

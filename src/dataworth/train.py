@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -486,18 +486,22 @@ def train(data_spec: str, out_dir: str | Path, config: TrainConfig = PRESETS["ti
     )
 
 
-def _run_training(model, encoded: list[Encoded], pad_id: int, config: TrainConfig, device: torch.device,
-                  out: Path, tokenizer, progress: bool) -> dict:
-    """The AdamW loop: seeded shuffles, per-step lr from ``lr_at``, checkpoints per ``save_every_epoch``."""
+def train_epochs(model, encoded: Sequence[Encoded], pad_id: int, config: TrainConfig, device: torch.device, *,
+                 on_step: Callable | None = None, on_epoch: Callable | None = None
+                 ) -> tuple[torch.optim.AdamW, list[dict]]:
+    """The AdamW loop, shared by `train` and ``retrain.train_on_rows`` (so a retrain on every row with the base
+    seed *is* `train`, bit for bit): a ``torch.Generator`` shuffle seeded with ``config.seed`` per epoch,
+    per-step lr from ``lr_at``, the mean token loss of each batch, gradient clipping.
+
+    ``on_step(epoch, batch, loss)`` runs after every optimizer step; ``on_epoch(record, lrs, optimizer)``
+    after every epoch. Returns the optimizer and the epoch records ``{"epoch", "step", "loss", "avg_lr"}``
+    (``loss``: mean token loss over the epoch); the model is left in eval mode.
+    """
     optimizer, _ = make_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = math.ceil(len(encoded) / config.batch_size) * config.epochs
     shuffle = torch.Generator().manual_seed(config.seed)
-    schedule = {"kind": "cosine", "peak_lr": config.lr, "warmup_steps": math.ceil(config.warmup_ratio * total_steps),
-                "total_steps": total_steps, "min_lr_ratio": config.min_lr_ratio}
-    bar = _progress_bar(total_steps, progress)
-    epochs, checkpoints = [], []
-    step, tokens_seen, started = 0, 0, time.perf_counter()
+    trainable = _trainable(model)
+    epochs, step = [], 0
     model.train()
     for epoch in range(1, config.epochs + 1):
         order = torch.randperm(len(encoded), generator=shuffle).tolist()
@@ -515,28 +519,50 @@ def _run_training(model, encoded: list[Encoded], pad_id: int, config: TrainConfi
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(_trainable(model), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             step += 1
             lrs.append(lr)
             loss_sum += float(per_token.detach().sum())
             target_sum += n_targets
-            tokens_seen += batch.n_tokens
-            rate = tokens_seen / max(time.perf_counter() - started, 1e-9)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", tok_s=f"{rate:,.0f}")
-        record = {"epoch": epoch, "step": step, "loss": loss_sum / max(target_sum, 1),
-                  "avg_lr": sum(lrs) / len(lrs)}
+            if on_step is not None:
+                on_step(epoch, batch, loss)
+        record = {"epoch": epoch, "step": step, "loss": loss_sum / max(target_sum, 1), "avg_lr": sum(lrs) / len(lrs)}
         epochs.append(record)
-        if config.save_every_epoch or config.lora or epoch == config.epochs:
-            ckpt = out.with_name(out.name + _TMP_SUFFIX) / "checkpoints" / f"epoch-{epoch}"
-            _save_checkpoint(model, tokenizer, optimizer, ckpt, {**record, "lrs": lrs, "schedule": schedule})
-            checkpoints.append(out / "checkpoints" / f"epoch-{epoch}")
-    bar.close()
+        if on_epoch is not None:
+            on_epoch(record, lrs, optimizer)
     model.eval()
+    return optimizer, epochs
+
+
+def _run_training(model, encoded: list[Encoded], pad_id: int, config: TrainConfig, device: torch.device,
+                  out: Path, tokenizer, progress: bool) -> dict:
+    """`train_epochs` with a progress bar and checkpoints per ``save_every_epoch`` (always the last epoch)."""
+    total_steps = math.ceil(len(encoded) / config.batch_size) * config.epochs
+    schedule = {"kind": "cosine", "peak_lr": config.lr, "warmup_steps": math.ceil(config.warmup_ratio * total_steps),
+                "total_steps": total_steps, "min_lr_ratio": config.min_lr_ratio}
+    bar = _progress_bar(total_steps, progress)
+    checkpoints = []
+    seen = {"tokens": 0}
+    started = time.perf_counter()
+
+    def on_step(epoch: int, batch, loss) -> None:
+        seen["tokens"] += batch.n_tokens
+        rate = seen["tokens"] / max(time.perf_counter() - started, 1e-9)
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", tok_s=f"{rate:,.0f}")
+
+    def on_epoch(record: dict, lrs: list, optimizer) -> None:
+        if config.save_every_epoch or config.lora or record["epoch"] == config.epochs:
+            ckpt = out.with_name(out.name + _TMP_SUFFIX) / "checkpoints" / f"epoch-{record['epoch']}"
+            _save_checkpoint(model, tokenizer, optimizer, ckpt, {**record, "lrs": lrs, "schedule": schedule})
+            checkpoints.append(out / "checkpoints" / f"epoch-{record['epoch']}")
+
+    _optimizer, epochs = train_epochs(model, encoded, pad_id, config, device, on_step=on_step, on_epoch=on_epoch)
+    bar.close()
     seconds = time.perf_counter() - started
-    return {"epochs": epochs, "steps": step, "tokens": tokens_seen, "seconds": seconds,
-            "tokens_per_second": tokens_seen / max(seconds, 1e-9), "checkpoints": checkpoints}
+    return {"epochs": epochs, "steps": epochs[-1]["step"] if epochs else 0, "tokens": seen["tokens"],
+            "seconds": seconds, "tokens_per_second": seen["tokens"] / max(seconds, 1e-9), "checkpoints": checkpoints}
 
 
 @contextlib.contextmanager

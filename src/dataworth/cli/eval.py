@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 
-from dataworth.errors import InputError
 
 _TASK = [
     click.option("--data", default="builtin:bios?people=8&distractors=8", show_default=True,
