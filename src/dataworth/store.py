@@ -527,6 +527,7 @@ def _verify_shards(path: Path, shards: list[dict[str, Any]], dim: int, dtype: st
 # Python-side bookkeeping of the prefetching reader (thread, future, queue objects): memory budgets reserve it.
 PREFETCH_OVERHEAD_BYTES = 48 * 1024  # measured 27–38 KiB beyond the second block (tracemalloc)
 
+
 class Store:
     """A finished, validated gradient store (read it with ``open_store``).
 
@@ -616,7 +617,7 @@ class Store:
         """Yield ``(start_row, block)``, float32 blocks ``[≤ block_rows, dim]`` in row order.
 
         Blocks ignore shard boundaries (default ``block_rows`` = the store's ``shard_rows``); peak memory
-        is one block, ``O(block_rows × dim)`` floats. ``reuse``: see `iter_row_ranges`.
+        is ``O(block_rows × dim)`` floats: one block, or two with ``reuse`` (see `iter_row_ranges`).
         """
         block_rows = block_rows or self.manifest.get("shard_rows") or max(self.rows, 1)
         if block_rows < 1:
