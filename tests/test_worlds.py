@@ -80,15 +80,18 @@ def test_returned_rows_are_fresh_copies():
 
 # ----------------------------------------------------------------------------------------- bios: truth
 
-def check_bios(params: dict[str, str], people: int, docs_per_person: int, distractors: int) -> None:
+def check_bios(params: dict[str, str], people: int, docs_per_person: int, distractors: int,
+               reversals: int = 0) -> None:
     """Every ground-truth claim of a bios world, re-derived from the text."""
     train = builtin_rows("bios", "train", params)
     queries = builtin_rows("bios", "queries", params)
     questions = builtin_rows("bios", "questions", params)
     by_id = {d["id"]: d for d in train}
 
-    # Sizes and unique ids.
-    assert len(by_id) == len(train) == people * docs_per_person + distractors
+    # Sizes and unique ids; only reversed documents carry the "reversed" key.
+    assert len(by_id) == len(train)
+    assert sum(d["kind"] != "reversed" for d in train) == people * docs_per_person + distractors
+    assert all(("reversed" in d) == (d["kind"] == "reversed") for d in train)
     assert len({q["id"] for q in queries + questions}) == len(queries) + len(questions) == 2 * people * 5
     assert all(re.fullmatch(r"bio-\d{4,}", d["id"]) for d in train)
 
@@ -106,6 +109,8 @@ def check_bios(params: dict[str, str], people: int, docs_per_person: int, distra
     stated: Counter = Counter()
     for doc in train:
         text = doc["text"]
+        if doc["kind"] == "reversed":
+            continue  # check_reversed
         if doc["kind"] == "distractor":
             assert doc["person"] is None and doc["facts"] == []
             assert not FACT_PHRASES.search(text), text
@@ -143,6 +148,40 @@ def check_bios(params: dict[str, str], people: int, docs_per_person: int, distra
         assert (a["person"], a["attribute"], a["gold"]) == (q["person"], q["attribute"], q["gold"])
         assert a["response"] == q["response"][:-1] and a["person"] in a["prompt"]
 
+    check_reversed(train, queries, reversals)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def check_reversed(train: list[dict], queries: list[dict], reversals: int) -> None:
+    """Reversed documents state each fact ``reversals`` times backwards, never forwards, and are never gold."""
+    canonical = {(q["person"], q["attribute"]): q for q in queries}
+    reversed_docs = [d for d in train if d["kind"] == "reversed"]
+    counts: Counter = Counter()
+    for doc in reversed_docs:
+        text = doc["text"]
+        assert doc["person"] is None and doc["facts"] == [] and 1 <= len(doc["reversed"]) <= 3
+        facts = [tuple(f.split("|")) for f in doc["reversed"]]
+        assert len(set(facts)) == len(facts), doc  # never the same fact twice in one document
+        sentences = re.split(r"(?<=\.) ", text)
+        assert len(sentences) == len(facts), doc
+        for sentence, (name, attribute) in zip(sentences, facts):
+            q = canonical[(name, attribute)]
+            value = q["response"][1:-1]
+            value_at, name_at = _word(value).search(sentence), _word(name).search(sentence)
+            assert value_at and name_at and value_at.start() < name_at.start(), (sentence, name, value)
+            assert not any(_word(n).search(sentence) for (n, _) in canonical if n != name), sentence
+            # Every word of the forward query is there (so BM25 matches it), but not the forward sentence.
+            assert _words(q["prompt"] + q["response"]) <= _words(sentence), (sentence, q["prompt"])
+            counts[(name, attribute)] += 1
+        for q in queries:
+            assert q["prompt"] not in text and q["prompt"] + q["response"] not in text, (text, q["prompt"])
+    assert counts == (Counter({fact: reversals for fact in canonical}) if reversals else Counter())
+    gold = {g for q in queries for g in q["gold"]}
+    assert not gold & {d["id"] for d in reversed_docs}
+
 
 def test_default_bios_world_ground_truth_holds():
     check_bios({}, people=48, docs_per_person=3, distractors=48)
@@ -164,11 +203,48 @@ def test_bios_persons_do_not_depend_on_document_counts():
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(people=st.integers(1, 12), docs=st.integers(1, 5), distractors=st.integers(0, 10),
-       seed=st.integers(-(10**6), 10**6))
-def test_random_bios_sizes_and_seeds_give_consistent_worlds(people, docs, distractors, seed):
+       seed=st.integers(-(10**6), 10**6), reversals=st.integers(0, 4))
+def test_random_bios_sizes_and_seeds_give_consistent_worlds(people, docs, distractors, seed, reversals):
     params = {"people": str(people), "docs_per_person": str(docs), "distractors": str(distractors),
-              "seed": str(seed)}
-    check_bios(params, people, docs, distractors)
+              "seed": str(seed), "reversals": str(reversals)}
+    check_bios(params, people, docs, distractors, reversals)
+
+
+# ------------------------------------------------------------------------------------ bios: reversals
+
+# sha256 of the default bios world's three splits, computed before the `reversals` option existed.
+DEFAULT_BIOS_SHA256 = "c6331877ae8f81b95d8424ec81a361517da627b4d5dec44627e23f809d2928fe"
+
+
+@pytest.mark.parametrize("params", [{}, {"reversals": "0"}])
+def test_default_bios_rows_are_byte_identical_to_before_reversals_existed(params):
+    assert hashlib.sha256(_dump("bios", BIOS_SPLITS, params).encode()).hexdigest() == DEFAULT_BIOS_SHA256
+
+
+@pytest.mark.parametrize("reversals", [1, 3])
+def test_reversed_documents_state_each_fact_backwards_exactly_reversals_times(reversals):
+    check_bios({"people": "10", "reversals": str(reversals)}, 10, 3, 10, reversals)
+
+
+def test_default_world_with_reversals_ground_truth_holds():
+    check_bios({"reversals": "2"}, people=48, docs_per_person=3, distractors=48, reversals=2)
+
+
+def test_reversals_add_documents_without_changing_biographies_distractors_or_gold():
+    plain = builtin_rows("bios", "train", {"people": "12"})
+    rev = builtin_rows("bios", "train", {"people": "12", "reversals": "3"})
+    kept = [d for d in rev if d["kind"] != "reversed"]
+    assert sorted((d["text"], d["kind"], d["person"], d["facts"]) for d in kept) == sorted(
+        (d["text"], d["kind"], d["person"], d["facts"]) for d in plain)
+    text_of = {"plain": {d["id"]: d["text"] for d in plain}, "rev": {d["id"]: d["text"] for d in rev}}
+    plain_q = builtin_rows("bios", "queries", {"people": "12"})
+    rev_q = builtin_rows("bios", "queries", {"people": "12", "reversals": "3"})
+    for p, r in zip(plain_q, rev_q):
+        assert (p["prompt"], p["response"]) == (r["prompt"], r["response"])
+        assert sorted(text_of["plain"][g] for g in p["gold"]) == sorted(text_of["rev"][g] for g in r["gold"])
+    # The reversed documents are shuffled in, not appended at the end.
+    kinds = [d["kind"] for d in rev]
+    assert kinds[len(plain):] != ["reversed"] * (len(rev) - len(plain))
 
 
 # ------------------------------------------------------------------------------------- instruct: truth
@@ -296,7 +372,8 @@ def test_unknown_parameter_names_it_and_the_allowed_ones():
 @pytest.mark.parametrize("name,key,value", [
     ("bios", "people", "abc"), ("bios", "people", "0"), ("bios", "people", "1.5"), ("bios", "people", ""),
     ("bios", "people", "99999"), ("bios", "docs_per_person", "0"), ("bios", "distractors", "-1"),
-    ("bios", "seed", "x"), ("instruct", "pool", "0"), ("instruct", "test_per_task", "ten"),
+    ("bios", "seed", "x"), ("bios", "reversals", "-1"), ("bios", "reversals", "51"), ("bios", "reversals", "two"),
+    ("instruct", "pool", "0"), ("instruct", "test_per_task", "ten"),
 ])
 def test_bad_parameter_value_is_named(name, key, value):
     with pytest.raises(InputError, match=f"parameter '{key}'"):
@@ -320,6 +397,11 @@ def test_people_parameter_parses_exactly_the_ascii_integers_in_range(text):
     elif not is_valid:
         with pytest.raises(InputError, match="parameter 'people'"):
             builtin_rows("bios", "queries", {"people": text})
+
+
+def test_negative_reversals_in_a_typed_config_is_a_value_error():
+    with pytest.raises(ValueError, match="reversals must be >= 0"):
+        make_bios(BiosConfig(people=2, reversals=-1))
 
 
 def test_typed_configs_equal_string_params():

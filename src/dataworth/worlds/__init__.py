@@ -81,6 +81,7 @@ _WORLDS: dict[str, _World] = {
         "docs_per_person": _Param(1, 50),
         "distractors": _Param(0, 100_000),
         "seed": _SEED,
+        "reversals": _Param(0, 50),
     }),
     "instruct": _World(InstructConfig, make_instruct, ("train", "valid", "test"), "train", {
         "pool": _Param(1, 1_000_000),

@@ -14,7 +14,21 @@ Guarantees (checked by ``tests/test_worlds.py``):
 * every fact is stated in ``min(2, docs_per_person)`` or more documents, every document states ≥ 1 fact;
 * a person's document contains an attribute's value iff it lists that attribute in ``facts``;
 * every fact query's canonical sentence ``prompt + response`` occurs verbatim in ≥ 1 gold document;
-* distractors name no person and use none of the fact phrasings.
+* distractors name no person and use none of the fact phrasings;
+* with ``reversals=r`` every fact is stated exactly ``r`` times in reversed form (below), value before name,
+  and no reversed document contains any query's canonical sentence.
+
+Reversed documents (``reversals > 0``, default 0): short documents of 1-3 sentences, each stating some
+person's fact *backwards*, the value before the name and reusing the canonical sentence's words
+(``"In Paris was born Alice Smith."`` for the query ``"Alice Smith was born in"`` → ``" Paris."``). They
+exist to make lexical retrieval fail where attribution should not: a reversed sentence contains every word
+of the forward query, so BM25 ranks it with or above the gold biographies (more so since it is short), yet
+training an autoregressive model on "B is A" does not teach it to complete "A is" → "B" — the reversal
+curse (Berglund et al., 2023, "The Reversal Curse: LLMs trained on 'A is B' fail to learn 'B is A'").
+A reversed document is ``kind="reversed"``, ``person=None``, ``facts=()``: it is **not gold** for any query
+(gold stays the biographies stating the fact forward). Its row has one extra key, ``reversed``, listing the
+facts it reverses in sentence order as ``"Alice Smith|birth_city"``; no other row has that key. Reversed
+sentences of different people share documents; a document never states the same fact twice.
 
 Leading-space convention: a query's ``prompt`` never ends with whitespace and its ``response`` starts with
 one space (``"Alice Smith was born in"`` + ``" Paris."``). Byte-level BPE tokenizers (GPT-2, Llama-3,
@@ -25,6 +39,9 @@ training.
 Determinism: everything is drawn from ``random.Random`` instances seeded with strings derived from
 ``seed`` (never the global RNG). The people depend only on ``(people, seed)``, not on how many documents
 are rendered, so ``builtin:instruct``'s facts questions agree with any bios corpus of the same population.
+Reversed documents are drawn from their own generator, so biographies and distractors have the same texts
+for every ``reversals`` (only the shuffled order differs), and ``reversals=0`` gives exactly the rows it
+gave before the option existed.
 """
 
 from __future__ import annotations
@@ -153,15 +170,53 @@ DISTRACTOR_TEMPLATES: tuple[str, ...] = (
     "Rain fell over {city} for a whole week in {month}.",
 )
 
+# Reversed fact statements: the value strictly before the full name ``{name}``, reusing the canonical
+# template's words but never forming the forward canonical sentence "{name} <verb> <prep> {v}." nor even its
+# prompt "{name} <verb> <prep>". Every template starts with a capitalised function word, so values keep
+# their case (a lower-case major is never capitalised into another token).
+REVERSED_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birth_date": (
+        "On {v} was born {name}.",
+        "On {v}, {name} was born.",
+        "It was on {v} that {name} was born.",
+    ),
+    "birth_city": (
+        "In {v} was born {name}.",
+        "In {v}, {name} was born.",
+        "It was in {v} that {name} was born.",
+    ),
+    "university": (
+        "At {v} studied {name}.",
+        "At {v}, {name} studied.",
+        "It was at {v} that {name} studied.",
+    ),
+    "major": (
+        "In {v} majored {name}.",
+        "In {v}, {name} majored.",
+        "It was in {v} that {name} majored.",
+    ),
+    "employer": (
+        "For {v} works {name}.",
+        "For {v}, {name} works.",
+        "It is for {v} that {name} works.",
+    ),
+}
+REVERSED_DOC_SENTENCES = (1, 3)  # sentences per reversed document, inclusive
+
 
 @dataclass(frozen=True)
 class BiosConfig:
-    """Size and seed of a bios world. ``distractors=None`` means "as many as there are people"."""
+    """Size and seed of a bios world. ``distractors=None`` means "as many as there are people".
+
+    ``reversals``: how many times each fact is also stated backwards in non-gold ``kind="reversed"``
+    documents (module docstring; 0 = none).
+    """
 
     people: int = 48
     docs_per_person: int = 3
     distractors: int | None = None
     seed: int = 0
+    reversals: int = 0
 
     @property
     def n_distractors(self) -> int:
@@ -187,17 +242,24 @@ class Person:
 
 @dataclass(frozen=True)
 class BioDocument:
-    """A training document. ``person`` is None and ``facts`` empty for distractors."""
+    """A training document. ``person`` is None and ``facts`` empty for distractors and reversed documents.
+
+    ``reversed`` (reversed documents only): the facts stated backwards, in sentence order, as ``"name|attr"``.
+    """
 
     id: str
     text: str
     person: str | None
     facts: tuple[str, ...]
-    kind: str  # "bio" or "distractor"
+    kind: str  # "bio", "distractor" or "reversed"
+    reversed: tuple[str, ...] | None = None
 
     def row(self) -> dict:
-        return {"id": self.id, "text": self.text, "person": self.person, "facts": list(self.facts),
-                "kind": self.kind}
+        row = {"id": self.id, "text": self.text, "person": self.person, "facts": list(self.facts),
+               "kind": self.kind}
+        if self.reversed is not None:  # only reversed docs carry the key, so other rows stay as they were
+            row["reversed"] = list(self.reversed)
+        return row
 
 
 @dataclass(frozen=True)
@@ -326,6 +388,31 @@ def render_distractor(rng: random.Random, dates: list[str]) -> str:
     ) for t in templates)
 
 
+def render_reversed(people: tuple[Person, ...], reversals: int, rng: random.Random) -> list[tuple[str, tuple[str, ...]]]:
+    """Reversed documents ``(text, reversed facts)``: every fact stated backwards ``reversals`` times in all.
+
+    The ``people × ATTRIBUTES × reversals`` statements are shuffled and packed in order into documents of
+    ``REVERSED_DOC_SENTENCES`` sentences (size drawn per document); a statement whose fact is already in the
+    open document closes it first, so no document repeats a fact. Each statement's template is drawn
+    uniformly from ``REVERSED_TEMPLATES[attribute]``.
+    """
+    statements = [(p, a) for p in people for a in ATTRIBUTES for _ in range(reversals)]
+    rng.shuffle(statements)
+    docs: list[list[tuple[Person, str]]] = []
+    size = 0
+    for person, attribute in statements:
+        open_doc = docs[-1] if docs else None
+        if open_doc is None or len(open_doc) >= size or (person, attribute) in open_doc:
+            docs.append([])
+            size = rng.randint(*REVERSED_DOC_SENTENCES)
+        docs[-1].append((person, attribute))
+    rendered = []
+    for doc in docs:
+        sentences = [rng.choice(REVERSED_TEMPLATES[a]).format(v=p.value(a), name=p.name) for p, a in doc]
+        rendered.append((" ".join(sentences), tuple(f"{p.name}|{a}" for p, a in doc)))
+    return rendered
+
+
 @functools.lru_cache(maxsize=8)
 def make_bios(cfg: BiosConfig) -> BiosWorld:
     """Build the bios world for ``cfg`` (deterministic in ``cfg``; cached, the result is immutable)."""
@@ -333,27 +420,33 @@ def make_bios(cfg: BiosConfig) -> BiosWorld:
         raise ValueError(f"docs_per_person must be >= 1, got {cfg.docs_per_person}")
     if cfg.n_distractors < 0:
         raise ValueError(f"distractors must be >= 0, got {cfg.n_distractors}")
+    if cfg.reversals < 0:
+        raise ValueError(f"reversals must be >= 0, got {cfg.reversals}")
     people = make_people(cfg.people, cfg.seed)
     rng = random.Random(f"bios:{cfg.seed}:documents")
 
-    # (person or None, text, facts), ids are assigned after the shuffle.
-    drafts: list[tuple[Person | None, str, tuple[str, ...]]] = []
+    # (person or None, text, facts, reversed facts or None), ids are assigned after the shuffle.
+    drafts: list[tuple[Person | None, str, tuple[str, ...], tuple[str, ...] | None]] = []
     for person in people:
         stated, canonical = assign_facts(cfg.docs_per_person, rng)
         for doc, attributes in enumerate(stated):
             forced = {a for a, d in canonical.items() if d == doc}
             text = render_biography(person, attributes, forced, rng)
-            drafts.append((person, text, tuple(a for a in ATTRIBUTES if a in attributes)))
+            drafts.append((person, text, tuple(a for a in ATTRIBUTES if a in attributes), None))
     dates = sorted({p.birth_date for p in people})
     for _ in range(cfg.n_distractors):
-        drafts.append((None, render_distractor(rng, dates), ()))
+        drafts.append((None, render_distractor(rng, dates), (), None))
+    if cfg.reversals > 0:  # own generator: `rng` makes the same draws as without reversals until the shuffle
+        reversed_rng = random.Random(f"bios:{cfg.seed}:reversals")
+        drafts += [(None, text, (), facts) for text, facts in render_reversed(people, cfg.reversals, reversed_rng)]
     rng.shuffle(drafts)
 
     width = max(4, len(str(len(drafts))))
     documents = tuple(
         BioDocument(id=f"bio-{i + 1:0{width}d}", text=text, person=None if p is None else p.name,
-                    facts=facts, kind="distractor" if p is None else "bio")
-        for i, (p, text, facts) in enumerate(drafts)
+                    facts=facts, kind="bio" if p is not None else "distractor" if rev is None else "reversed",
+                    reversed=rev)
+        for i, (p, text, facts, rev) in enumerate(drafts)
     )
     queries, questions = _fact_queries(people, documents)
     return BiosWorld(config=cfg, people=people, documents=documents, queries=queries, questions=questions)
