@@ -207,7 +207,8 @@ def test_retrain_on_all_rows_with_the_base_seed_reproduces_dataworth_train(tmp_p
     encoded, _ = encode_rows(load_rows(spec), loaded.tokenizer, max_length=cfg.max_length)
     model, _ = train_on_rows(encoded, loaded.tokenizer, cfg, cfg.seed)
     expected, got = loaded.model.state_dict(), model.state_dict()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    # both trainings ran on the config's device ("auto": CUDA where there is one); weights compared on CPU
+    assert all(torch.equal(expected[k], got[k].cpu()) for k in expected)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

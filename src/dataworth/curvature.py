@@ -355,8 +355,11 @@ def kronecker_eigenvalue_fit(
         n += block.shape[0]
         for acc, m, (q_s, q_a) in zip(sums, modules, bases):
             grads = as_matrices(block[:, m.offset : m.offset + m.size].astype(np.float64), m)
-            acc += np.square(q_s.T @ grads @ q_a).sum(axis=0)
-            del grads
+            rotated = q_s.T @ grads
+            del grads  # at most two [B, k_out, k_in] float64 arrays alive at once (memory budget)
+            rotated = rotated @ q_a
+            acc += np.square(rotated, out=rotated).sum(axis=0)
+            del rotated
         del block  # one block alive at a time (memory budget)
     sums, n = all_reduce_arrays(ctx, sums), all_reduce_count(ctx, n)
     if n == 0:

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -548,9 +549,14 @@ def _run_training(model, encoded: list[Encoded], pad_id: int, config: TrainConfi
 
     def on_step(epoch: int, batch, loss) -> None:
         seen["tokens"] += batch.n_tokens
-        rate = seen["tokens"] / max(time.perf_counter() - started, 1e-9)
+        now = time.perf_counter()
+        # The postfix only when the bar is due to redraw: reading the loss waits for the GPU, and a refresh per
+        # step floods logs that are files, not terminals.
+        if now - seen.get("shown", 0.0) >= _redraw_interval():
+            seen["shown"] = now
+            rate = seen["tokens"] / max(now - started, 1e-9)
+            bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", tok_s=f"{rate:,.0f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", tok_s=f"{rate:,.0f}")
 
     def on_epoch(record: dict, lrs: list, optimizer) -> None:
         if config.save_every_epoch or config.lora or record["epoch"] == config.epochs:
@@ -667,7 +673,13 @@ def _device(spec: str) -> torch.device:
 def _progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True, leave=False,
+                mininterval=_redraw_interval())
+
+
+def _redraw_interval() -> float:
+    """Seconds between progress redraws: 0.1 on a terminal, 1 when stderr is a file (CI, cluster logs)."""
+    return 0.1 if sys.stderr.isatty() else 1.0
 
 
 def _write_json(path: Path, obj: Any) -> None:
