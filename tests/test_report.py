@@ -126,8 +126,14 @@ def _expected_token_count(pipeline) -> int:
     tok = load_model(str(pipeline["root"] / "model"), device="cpu").tokenizer
     encoded, _ = encode_rows(load_rows(str(pipeline["root"] / "train.jsonl")), tok, max_length=MAX_LENGTH)
     lengths = {e.id: len(e.input_ids) for e in encoded}
+    return int(sum(min(lengths[i], DISPLAY_LIMIT) for i in _shown_rows(pipeline)["train_id"]))
+
+
+def _shown_rows(pipeline) -> pd.DataFrame:
+    """The kept top-k rows a report shows: under "helps" positive scores, under "hurts" negative ones."""
     table = pipeline["scores"].to_pandas()
-    return int(sum(min(lengths[i], DISPLAY_LIMIT) for i in table["train_id"]))
+    signed = np.where(table.direction == "positive", table.score > 0, table.score < 0)
+    return table[signed].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,9 +142,9 @@ def _expected_token_count(pipeline) -> int:
 
 def test_every_shown_document_has_token_contributions_summing_to_its_score(pipeline):
     page = _parse(pipeline["html"])
-    table = pipeline["scores"].to_pandas()
+    table = _shown_rows(pipeline)
     assert page.sections == pipeline["scores"].query_ids
-    assert len(page.docs) == len(table) == 3 * 2 * TOP_K
+    assert len(page.docs) == len(table) > 0
     shown = {(d["query_id"], d["data-direction"], int(d["data-rank"]), d["data-train-id"]) for d in page.docs}
     assert shown == set(zip(table.query_id, table.direction, table["rank"], table.train_id))
     for doc in page.docs:
@@ -342,6 +348,29 @@ def test_old_or_incomplete_scores_directories_get_one_line_errors(pipeline, tmp_
         report(pipeline["root"] / "scores", tmp_path / "out2", layer="nothing")
     with pytest.raises(InputError, match="--top-k"):
         report(pipeline["root"] / "scores", tmp_path / "out2", top_k=0)
+
+
+def test_hurts_most_lists_only_negative_scores_and_says_when_there_are_none(pipeline, tmp_path):
+    """The negative direction's top-k are the lowest scores; positive ones among them are not shown as
+    hurting, and a query whose kept scores are all positive says that no training row hurts it."""
+    from dataworth.report import report
+
+    scores_dir = tmp_path / "scores"
+    shutil.copytree(pipeline["root"] / "scores", scores_dir)
+    (scores_dir / "scores.npy").unlink()
+    table = pd.read_parquet(scores_dir / "topk.parquet")
+    bob = table.query_id == "q-bob"
+    table.loc[bob, "score"] = table.loc[bob, "score"].abs() + 1e-3  # every kept score of q-bob positive
+    table.to_parquet(scores_dir / "topk.parquet", index=False)
+    page_path = report(scores_dir, tmp_path / "out")
+    html = page_path.read_text(encoding="utf-8")
+    section = html.split('data-query-id="q-bob"')[1].split("</section>")[0]
+    assert "No training row has a negative score for this query: none hurts it." in section
+    docs = _parse(page_path).docs
+    assert not [d for d in docs if d["query_id"] == "q-bob" and d["data-direction"] == "negative"]
+    assert all((float(d["data-score"]) > 0) == (d["data-direction"] == "positive") for d in docs)
+    markdown = (page_path.parent / "report.md").read_text(encoding="utf-8")
+    assert "_No training row has a negative score for this query: none hurts it._" in markdown
 
 
 def test_a_query_with_no_scored_rows_gets_a_visible_message(pipeline, tmp_path):

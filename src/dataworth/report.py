@@ -465,6 +465,25 @@ def render_document(rec, doc: ShownDocument | None, limit: int) -> str:
             f'{head}</header><div class="text">{render_tokens(doc, limit)}</div></article>')
 
 
+def signed_rows(table: pd.DataFrame, direction: str) -> pd.DataFrame:
+    """The kept rows whose score has the direction's sign: a "hurts most" list holds only negative scores.
+
+    The top-k of the negative direction are the k lowest scores, which are positive when few rows (or none)
+    have negative influence; shown under "hurts" they would say the opposite of what they are.
+    """
+    keep = table["score"] > 0 if direction == "positive" else table["score"] < 0
+    return table[keep].reset_index(drop=True)
+
+
+def empty_reason(table: pd.DataFrame, direction: str) -> str:
+    """Why a direction shows no rows: nothing was scored, or no kept score has that sign."""
+    if table.empty:
+        return "No training rows were scored for this query."
+    sign = "positive" if direction == "positive" else "negative"
+    verb = "helps" if direction == "positive" else "hurts"
+    return f"No training row has a {sign} score for this query: none {verb} it."
+
+
 def render_query(view: QueryView, n_queries: int, config: ReportConfig) -> str:
     """One query's section: text, score distribution, helping and hurting documents side by side."""
     nav = []
@@ -478,9 +497,9 @@ def render_query(view: QueryView, n_queries: int, config: ReportConfig) -> str:
     columns = []
     for direction, heading in (("positive", "Helps most (positive influence)"),
                                ("negative", "Hurts most (negative influence)")):
-        table = view.rows[direction]
+        table = signed_rows(view.rows[direction], direction)
         if table.empty:
-            body = '<div class="empty">No training rows were scored for this query.</div>'
+            body = f'<div class="empty">{esc(empty_reason(view.rows[direction], direction))}</div>'
         else:
             body = "".join(render_document(rec, view.documents.get((direction, int(rec.rank))),
                                            config.max_display_tokens) for rec in table.itertuples(index=False))
@@ -596,10 +615,10 @@ def render_markdown(summary: dict, views: list[QueryView], ledgers: list[tuple[s
         if f"q{view.index}" in plot_files:
             lines += ["", f"![score distribution]({plot_files[f'q{view.index}']})"]
         for direction in ("positive", "negative"):
-            table = view.rows[direction]
+            table = signed_rows(view.rows[direction], direction)
             lines += ["", f"**{'Helps' if direction == 'positive' else 'Hurts'} most**", ""]
             if table.empty:
-                lines.append("_No training rows were scored for this query._")
+                lines.append(f"_{empty_reason(view.rows[direction], direction)}_")
                 continue
             lines += ["| rank | train_id | score | text |", "|---:|---|---:|---|"]
             for rec in table.itertuples(index=False):
