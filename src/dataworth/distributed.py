@@ -253,21 +253,23 @@ def owned_shards(n_shards: int, ctx: DistContext) -> range:
     return range(ctx.rank, n_shards, ctx.world_size)
 
 
-def iter_owned_blocks(store, block_rows: int, ctx: DistContext, *, reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+def iter_owned_blocks(store, block_rows: int, ctx: DistContext, *, reuse: bool = False,
+                      raw: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """``(first_row, block)`` float32 blocks of the rows this rank owns, in increasing row order.
 
     A single process streams the whole store (``store.iter_blocks``); rank ``r`` of ``W`` streams the shards
     ``i ≡ r (mod W)``, each cut in blocks of at most ``block_rows`` rows (blocks never cross shards).
-    ``reuse``: blocks valid only until the next one (``Store.iter_row_ranges``).
+    ``reuse``: blocks valid only until the next one (``Store.iter_row_ranges``). ``raw``: blocks as stored
+    (``Store.raw_rows``), cut at shard ends in a single process too, so each is a view of one shard.
     """
-    if not ctx.active:
+    if not ctx.active and not raw:
         yield from store.iter_blocks(block_rows, reuse=reuse)
         return
     shards = store.manifest["shards"]
     ranges = ((start, min(start + block_rows, shards[i]["first_row"] + shards[i]["rows"]))
               for i in owned_shards(len(shards), ctx)
               for start in range(shards[i]["first_row"], shards[i]["first_row"] + shards[i]["rows"], block_rows))
-    yield from store.iter_row_ranges(ranges, reuse=reuse)
+    yield from store.iter_row_ranges(ranges, reuse=reuse, raw=raw)
 
 
 # ---------------------------------------------------------------------------------------------------------
