@@ -25,6 +25,10 @@ exist to make lexical retrieval fail where attribution should not: a reversed se
 of the forward query, so BM25 ranks it with or above the gold biographies (more so since it is short), yet
 training an autoregressive model on "B is A" does not teach it to complete "A is" → "B" — the reversal
 curse (Berglund et al., 2023, "The Reversal Curse: LLMs trained on 'A is B' fail to learn 'B is A'").
+Measured with the demo's model (README, "Lexical confounders"): one more training step on a reversed
+statement of a fact raises log p(answer) exactly as much as one on another person's reversed statement of
+the same value — it teaches no person → value link — but it does raise the value's prior, more than a step on
+an (already memorised) gold biography does; so gradient attribution ranks reversed documents high too.
 A reversed document is ``kind="reversed"``, ``person=None``, ``facts=()``: it is **not gold** for any query
 (gold stays the biographies stating the fact forward). Its row has one extra key, ``reversed``, listing the
 facts it reverses in sentence order as ``"Alice Smith|birth_city"``; no other row has that key. Reversed
