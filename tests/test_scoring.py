@@ -151,6 +151,31 @@ def test_streaming_over_small_shards_and_odd_blocks_equals_one_shot_product(tmp_
         np.testing.assert_array_equal(got["train_row"].to_numpy().reshape(5, 6), ref_rows)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_store_scores_equal_the_formula_on_its_widened_rows_across_pieces(tmp_path, dtype):
+    """Rows stored in 16 bits are widened 256 at a time inside the product (``SUB_BLOCK_ROWS``): with 600 rows in
+    shards of 400 and blocks of 350 (blocks [0, 350), [350, 400), [400, 600)), a block holds two pieces. Every mode must equal the explicit formula
+    on the exactly widened rows (``store.matrix()``), and asking for self-influence must not change a score."""
+    rng = np.random.default_rng(7)
+    store = write_store(tmp_path / "s", rng.normal(size=(600, 18)).astype(np.float32), shard_rows=400, dtype=dtype)
+    assert S.SUB_BLOCK_ROWS < 350 and store.dtype == dtype
+    curv = C.fit(store.path, "raw", 0.3)
+    q = queries(3)
+    inv = dense_inverse(store, curv)
+    g = store.matrix().astype(np.float64)  # exact widening: every 16-bit value is a float32
+    p = q.astype(np.float64) @ inv
+    dots = p @ g.T
+    norms = np.outer(np.linalg.norm(p, axis=1), np.linalg.norm(g, axis=1))
+    self_inf = np.einsum("nd,de,ne->n", g, inv, g)
+    expected = {"dot": dots, "cosine": dots / norms, "relative": dots / self_inf}
+    for mode, want in expected.items():
+        got = S.score_rows(store, q, qids(3), curv, mode, top_k=5, full=True, block_rows=350)
+        np.testing.assert_allclose(got.matrix, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        again = S.score_rows(store, q, qids(3), curv, mode, top_k=5, full=True, block_rows=350,
+                             with_self_influence=True)
+        np.testing.assert_array_equal(again.matrix, got.matrix)
+
+
 def test_streaming_top_k_equals_argsort_of_the_full_matrix_with_ties(tmp_path):
     """Integer rows drawn from a few values → many exactly tied scores; ranks must follow row order."""
     rng = np.random.default_rng(3)
