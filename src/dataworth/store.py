@@ -45,9 +45,9 @@ import shutil
 import struct
 import threading
 import warnings
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -526,8 +526,8 @@ def _verify_shards(path: Path, shards: list[dict[str, Any]], dim: int, dtype: st
 # Reading
 
 
-# Python-side bookkeeping of the prefetching reader (thread, future, queue objects): memory budgets reserve it.
 OPEN_SHARD_MAPS = 64  # memory maps a Store keeps open (each holds one file descriptor)
+# Python-side bookkeeping of the prefetching reader (thread, future, queue objects): memory budgets reserve it.
 PREFETCH_OVERHEAD_BYTES = 48 * 1024  # measured 27–38 KiB beyond the second block (tracemalloc)
 
 
@@ -613,9 +613,9 @@ class Store:
     def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` as float32 ``[stop - start, dim]``, across shard boundaries, written into
         ``out`` when given (float32, that shape), else into a new array."""
-        if out is None and 0 <= start <= stop <= self.rows:
-            out = np.empty((stop - start, self.dim), dtype=np.float32)
-        elif out is not None and (out.dtype != np.float32 or out.shape != (stop - start, self.dim)):
+        if out is None:
+            out = np.empty((max(stop - start, 0), self.dim), dtype=np.float32)
+        elif out.dtype != np.float32 or out.shape != (stop - start, self.dim):
             raise ValueError(f"out must be float32 {(stop - start, self.dim)}, got {out.dtype} {out.shape}")
         for offset, raw in self._raw_pieces(start, stop):
             raw_to_float32(raw, self.dtype, out=out[offset : offset + len(raw)])
@@ -700,11 +700,8 @@ class Store:
 
     def _shard_view(self, start: int, stop: int) -> np.ndarray | None:
         """Rows ``[start, stop)`` of a float32 store as a read-only view of one shard, or None across shards."""
-        shard = max(bisect.bisect_right(self._first_rows, start) - 1, 0)
-        first = self._first_rows[shard]
-        if stop > first + self._shards[shard]["rows"]:
-            return None
-        return self.shard_array(shard)[start - first : stop - first]
+        pieces = list(self._raw_pieces(start, stop))
+        return pieces[0][1] if len(pieces) == 1 else None
 
     def matrix(self) -> np.ndarray:
         """All rows as one float32 array ``[rows, dim]`` (small stores and tests)."""
