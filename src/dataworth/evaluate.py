@@ -30,14 +30,17 @@ def ranks(scores: np.ndarray) -> np.ndarray:
 def gold_ranks(scores: np.ndarray, gold: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """For each query, the sorted 1-based ranks of its gold rows. ``gold[q]``: row positions (non-empty)."""
     r = ranks(scores)
-    if len(gold) != r.shape[0]:
-        raise ValueError(f"{len(gold)} gold lists for {r.shape[0]} queries")
-    out = []
-    for q, g in enumerate(gold):
-        if len(g) == 0:
-            raise ValueError(f"query {q} has no gold rows")
-        out.append(np.sort(r[q, np.asarray(g, dtype=np.int64)]))
-    return out
+    return [np.sort(r[q, g]) for q, g in enumerate(row_lists(gold, r.shape[0], "gold"))]
+
+
+def row_lists(rows: Sequence[Sequence[int]], n_queries: int, what: str) -> list[np.ndarray]:
+    """``rows`` as one int64 array per query, checked: one list per query, none empty (``what`` names them)."""
+    if len(rows) != n_queries:
+        raise ValueError(f"{len(rows)} {what} lists for {n_queries} queries")
+    for q, chosen in enumerate(rows):
+        if len(chosen) == 0:
+            raise ValueError(f"query {q} has no {what} rows")
+    return [np.asarray(chosen, dtype=np.int64) for chosen in rows]
 
 
 def fact_tracing_metrics(scores: np.ndarray, gold: Sequence[Sequence[int]], ks: Sequence[int] = (1, 10)) -> dict:
@@ -222,14 +225,8 @@ def mean_effect(effects: np.ndarray, rows: Sequence[Sequence[int]]) -> float:
     ``effects [Q, N]``: e.g. ``retrain.one_step_effects`` (nats of query-loss decrease).
     """
     effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
-    if len(rows) != effects.shape[0]:
-        raise ValueError(f"{len(rows)} row lists for {effects.shape[0]} queries")
-    per_query = []
-    for q, chosen in enumerate(rows):
-        if len(chosen) == 0:
-            raise ValueError(f"query {q} has no rows")
-        per_query.append(effects[q, np.asarray(chosen, dtype=np.int64)].mean())
-    return float(np.mean(per_query))
+    chosen = row_lists(rows, effects.shape[0], "chosen")
+    return float(np.mean([effects[q, c].mean() for q, c in enumerate(chosen)]))
 
 
 def tail_patch(scores: np.ndarray, effects: np.ndarray, k: int) -> float:
