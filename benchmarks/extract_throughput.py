@@ -38,7 +38,7 @@ def build(model_name: str):
 
     torch.manual_seed(0)
     if model_name == "tiny":
-        from dataworth.train import PRESETS
+        from dataworth.model.train import PRESETS
 
         p = PRESETS["tiny"]
         cfg = LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
@@ -49,7 +49,7 @@ def build(model_name: str):
     if model_name == "smollm2-shape":
         return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE, max_position_embeddings=2048,
                                             attn_implementation="sdpa")).eval()
-    from dataworth.models import load_model
+    from dataworth.model.load import load_model
 
     return load_model(model_name, device="cpu").model
 
@@ -57,9 +57,10 @@ def build(model_name: str):
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from dataworth.batching import Encoded, collate, example_losses
-    from dataworth.extract import Extractor, HostCopier, build_projections
-    from dataworth.logging import select_modules
+    from dataworth.data.batching import Encoded, collate, example_losses
+    from dataworth.gradients.extract import Extractor, HostCopier
+    from dataworth.gradients.projection import build_projections
+    from dataworth.gradients.modules import select_modules
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     device = torch.device(args.device)

@@ -3,7 +3,7 @@
 One command builds (or resumes) the tiny task — the `tiny-test` model trained on a reduced `builtin:bios`
 world (8 people × 3 documents + 8 distractors = 32 rows, 40 fact queries), 32 random half-subsets × 2
 seeds retrained from scratch and cached — then scores every option below against the *same* retrains
-(``dataworth.retrain.build_lds_task``; ``benchmarks/peers.py`` uses the same task for Kronfluence & co.)
+(``dataworth.evaluation.retrain.build_lds_task``; ``benchmarks/peers.py`` uses the same task for Kronfluence & co.)
 and prints one table: LDS (mean over queries) with its bootstrap 95% interval, the noise ceiling (Spearman
 between the two retrain seeds), and the time of each option (extraction of its stores + fit + scoring).
 
@@ -33,15 +33,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
-from dataworth.retrain import AttributionConfig as A
-from dataworth.retrain import LdsConfig, attribution_scores, build_lds_task, store_dir_for
+from dataworth.evaluation.methods import AttributionConfig as A
+from dataworth.evaluation.retrain import LdsConfig, build_lds_task
+from dataworth.evaluation.methods import attribution_scores, store_dir_for
 
 WORLD = "?people=8&distractors=8"
 QUICK_WORLD = "?people=3&distractors=2"
 
 
 def task_config(quick: bool, measure: str = "answer") -> LdsConfig:
-    from dataworth.train import TrainConfig
+    from dataworth.model.train import TrainConfig
 
     world = QUICK_WORLD if quick else WORLD
     return LdsConfig(data="builtin:bios" + world, queries="builtin:bios:queries" + world,
@@ -103,7 +104,7 @@ def methods(quick: bool) -> list[tuple[str, A]]:
 
 def baseline_scores(task) -> dict[str, np.ndarray]:
     """Reference rows: random scores, BM25 of the query text against each document, the gold documents."""
-    from dataworth.evaluate import bm25_scores
+    from dataworth.evaluation.baselines import bm25_scores
 
     queries, rows = task.query_rows(), task.train_rows()
     rng = np.random.default_rng(0)

@@ -52,7 +52,7 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 def build_base(out: Path, rows: list[dict], args) -> Path:
     """Tiny Llama from scratch on ``rows`` (reused when ``out`` already holds one)."""
-    from dataworth.train import TrainConfig, train
+    from dataworth.model.train import TrainConfig, train
 
     if (out / "dataworth_train.json").is_file():
         return out
@@ -100,14 +100,12 @@ def main() -> None:
 
     import torch
 
-    from dataworth.data import encode_rows, load_rows
-    from dataworth.models import load_model
-    from dataworth.prefilter import PrefilterConfig, cheap_features, evaluate_prefilter
-    from dataworth.select import (
-        SelectConfig, compute_scores, evaluate_model, features, finetune, load_task_rows, match, random_subset,
-        rank_rows, selection_size, warmup, write_rows,
-    )
-    from dataworth.worlds import InstructConfig, make_instruct
+    from dataworth.data.encode import encode_rows
+    from dataworth.data.rows import load_rows
+    from dataworth.model.load import load_model
+    from dataworth.selection.prefilter import PrefilterConfig, cheap_features, evaluate_prefilter
+    from dataworth.selection.less import SelectConfig, compute_scores, evaluate_model, features, finetune, load_task_rows, match, random_subset, rank_rows, selection_size, warmup, write_rows
+    from dataworth.data.worlds.instruct import InstructConfig, make_instruct
 
     started, cpu_started = time.perf_counter(), time.process_time()
     out = Path(args.out)

@@ -14,9 +14,9 @@ What it does, in order:
    loss, watched layers (every linear layer of the blocks, not the head) and torch thread count, and writes
    ``scores.npy`` ([Q, N], positive = the training row lowers the query's loss) and ``timing.json``
    (extraction + fit seconds, scoring seconds, peak RSS of its own process).
-4. One Markdown table: LDS (``dataworth.evaluate.lds_summary`` against the cached retrains: Spearman of the
+4. One Markdown table: LDS (``dataworth.evaluation.metrics.lds_summary`` against the cached retrains: Spearman of the
    summed scores of each subset vs. the negated retrained query loss, mean over queries), recall@10 of the
-   documents that state each fact (``dataworth.evaluate.fact_tracing_metrics``), seconds, peak RSS, and the
+   documents that state each fact (``dataworth.evaluation.metrics.fact_tracing_metrics``), seconds, peak RSS, and the
    ratios dataworth ÷ peer (time: extract + fit + score; memory: peak RSS; below 1 = dataworth cheaper).
    Below it, a sign check: every method's scores must correlate positively with the one-step ground truth
    ``L_q(θ) − L_q(θ − η∇L_n)`` (training on n alone lowers q's loss).
@@ -46,7 +46,7 @@ ROOT = HERE.parent
 ADAPTERS = HERE / "peers"
 PEERS_VENV = HERE / "_peers_venv"
 REFERENCE = "dataworth"
-DOWN_PROJ = r"mlp\.down_proj"  # dataworth.logging.select_modules regex: the MLP output projections
+DOWN_PROJ = r"mlp\.down_proj"  # dataworth.gradients.modules.select_modules regex: the MLP output projections
 
 
 # --------------------------------------------------------------------------------------------- the methods
@@ -180,7 +180,7 @@ def lds_benchmark():
 
 
 def lds_task_config(quick: bool, measure: str = "answer"):
-    """The LDS task of ``benchmarks/lds.py`` for ``measure`` (``dataworth.retrain.MEASURES``)."""
+    """The LDS task of ``benchmarks/lds.py`` for ``measure`` (``dataworth.data.encode.MEASURES``)."""
     return lds_benchmark().task_config(quick, measure)
 
 
@@ -201,7 +201,7 @@ def trak_dim_for(requested: int, n_rows: int) -> int:
 
 
 def write_jsonl(path: Path, rows) -> None:
-    """Rows (``dataworth.data.Row``) as JSONL with their ids, atomically."""
+    """Rows (``dataworth.data.rows.Row``) as JSONL with their ids, atomically."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         for r in rows:
@@ -215,9 +215,9 @@ def gold_positions(query_rows, train_ids: list[str]) -> list[list[int]]:
 
 
 def lds_of(task, scores: np.ndarray) -> dict:
-    """LDS figures by ``dataworth.evaluate.lds_summary`` (the function every dataworth benchmark uses)."""
+    """LDS figures by ``dataworth.evaluation.metrics.lds_summary`` (the function every dataworth benchmark uses)."""
     try:
-        from dataworth.evaluate import lds_summary
+        from dataworth.evaluation.metrics import lds_summary
     except ImportError:
         return {"lds": lds_fallback(scores, task.masks, task.mean_losses)}
     return lds_summary(scores, task.masks, task.losses, seed=task.config.seed)
@@ -227,7 +227,7 @@ def one_step_effects(model_dir: str, train_spec: str, queries_spec: str, modules
                      measure: str = "answer", step_norm: float = 1e-3) -> np.ndarray:
     """Ground truth for the sign check: ``[Q, N]`` decrease of each query's loss after one gradient step on
     training row n alone, ``L_q(θ) − L_q(θ − η ∇L_n(θ))`` (float64), over the watched layers' weights —
-    ``dataworth.retrain.one_step_effects`` (plain SGD, ``params`` = those weights) in float64.
+    ``dataworth.evaluation.effects.one_step_effects`` (plain SGD, ``params`` = those weights) in float64.
 
     ``η = step_norm / median_n ‖∇L_n‖`` (one η for every row, so the ranking over rows is that of the true
     effect). To first order this is ``η ∇L_qᵀ ∇L_n``: positive ⇔ training on n lowers the query loss — the
@@ -236,11 +236,13 @@ def one_step_effects(model_dir: str, train_spec: str, queries_spec: str, modules
     """
     import torch
 
-    from dataworth.data import encode_rows, load_rows
-    from dataworth.logging import select_modules
-    from dataworth.models import load_model
-    from dataworth.retrain import measured_queries, row_gradients
-    from dataworth.retrain import one_step_effects as effects_of_one_step
+    from dataworth.data.encode import encode_rows
+    from dataworth.data.rows import load_rows
+    from dataworth.gradients.modules import select_modules
+    from dataworth.model.load import load_model
+    from dataworth.data.encode import measured_queries
+    from dataworth.evaluation.effects import row_gradients
+    from dataworth.evaluation.effects import one_step_effects as effects_of_one_step
 
     loaded = load_model(model_dir, device="cpu")
     model = loaded.model.double().eval()
@@ -334,10 +336,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
     python = setup_peers(args.skip_setup)
 
-    from dataworth.data import load_rows
+    from dataworth.data.rows import load_rows
     from dataworth.errors import InputError
-    from dataworth.evaluate import fact_tracing_metrics
-    from dataworth.retrain import build_lds_task
+    from dataworth.evaluation.metrics import fact_tracing_metrics
+    from dataworth.evaluation.retrain import build_lds_task
 
     config = lds_task_config(args.quick, args.measure)
     # stop_after=0: train (or reuse) the attributed model only; the retrains are only needed for the LDS.

@@ -4,7 +4,7 @@ would cost — an extrapolation from the measured per-token figures, stated as a
     .venv/bin/python benchmarks/scaling.py [--extract-rows 32,64,128] [--rows 2000,4000,8000]
                                            [--queries 1,8,64] [--seq 64] [--rank 16] [--json FILE]
 
-1. extract: the tiny built-in Llama (``dataworth.train.PRESETS["tiny"]``, random weights) on synthetic rows
+1. extract: the tiny built-in Llama (``dataworth.model.train.PRESETS["tiny"]``, random weights) on synthetic rows
    of ``--seq`` tokens, MLP modules, rank ``--rank``; a fresh store per size, wall time of ``extract``.
 2. fit / score: synthetic stores with the *same row layout* as that extraction (so the per-row figures
    combine), float16 rows; ``fit_curvature`` (raw, ekfac) and ``score_rows`` (dot, top-10) wall times.
@@ -33,7 +33,7 @@ import torch
 def tiny_model(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dataworth.train import PRESETS
+    from dataworth.model.train import PRESETS
 
     p = PRESETS["tiny"]
     torch.manual_seed(seed)
@@ -45,7 +45,7 @@ def tiny_model(seed: int = 0):
 
 
 def synthetic_rows(n: int, seq: int, vocab: int, seed: int = 0):
-    from dataworth.batching import Encoded
+    from dataworth.data.batching import Encoded
 
     g = torch.Generator().manual_seed(seed)
     return [Encoded(f"r{i}", torch.randint(3, vocab, (seq,), generator=g).tolist(), [0] + [1] * (seq - 1))
@@ -62,7 +62,7 @@ def line_fit(x: list[float], y: list[float]) -> dict:
 
 
 def measure_extract(rows_list: list[int], seq: int, rank: int, root: Path) -> tuple[list[dict], object]:
-    from dataworth.extract import ExtractConfig, extract
+    from dataworth.gradients.extract import ExtractConfig, extract
 
     model = tiny_model()
     vocab = model.config.vocab_size
@@ -82,7 +82,7 @@ def measure_extract(rows_list: list[int], seq: int, rank: int, root: Path) -> tu
 
 def synthetic_store(path: Path, like, n: int, seed: int = 0):
     """``n`` random float16 rows with the module layout of store ``like`` (and its KFAC factors)."""
-    from dataworth.store import StoreWriter
+    from dataworth.store.writer import StoreWriter
 
     rng = np.random.default_rng(seed)
     header = {"projection": {"kind": "random"}, "model": {"fingerprint": "synthetic"}, "data": {}, "config": {}}
@@ -111,8 +111,8 @@ class ReadCounter:
 
 def measure_fit_score(like, rows_list: list[int], queries_list: list[int], root: Path, budget_mb: float | None
                       ) -> tuple[list[dict], list[dict]]:
-    from dataworth.curvature import fit_curvature
-    from dataworth.scoring import score_rows
+    from dataworth.influence.curvature import fit_curvature
+    from dataworth.influence.scores import score_rows
 
     fits, scores = [], []
     for n in rows_list:

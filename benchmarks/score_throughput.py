@@ -7,7 +7,7 @@ A synthetic store per ``--dtypes`` entry (float16 and float32 by default; ``D = 
 ``StoreWriter``, with KFAC factors so that ``ekfac`` can be fitted. For curvature ``none`` and ``ekfac`` and
 ``Q`` in (1, 16, 64) queries it times
 
-- dataworth: ``dataworth.scoring.score_rows(store, queries, ids, curvature, mode="dot", top_k=10)`` — reads
+- dataworth: ``dataworth.influence.scores.score_rows(store, queries, ids, curvature, mode="dot", top_k=10)`` — reads
   the store block by block (float16 widened to float32 into a reused buffer; float32 read in place from the
   memory-mapped shards), multiplies, keeps the exact top-k;
 - plain: ``rows_f32 @ preconditioned.T`` on the same rows already in memory as one float32 array (read
@@ -36,8 +36,10 @@ def build_store(root: Path, n_rows: int, side: int, n_modules: int, shard_rows: 
     """A finished ``dtype`` store of standard-normal rows with identity-ish KFAC factors (random SPD)."""
     import torch
 
-    from dataworth.curvature import KFAC_FACTORS
-    from dataworth.store import StoreWriter, modules_layout, open_store
+    from dataworth.store.format import KFAC_FILE as KFAC_FACTORS
+    from dataworth.store.writer import StoreWriter
+    from dataworth.store.format import modules_layout
+    from dataworth.store.reader import open_store
 
     specs = modules_layout([(f"m{i}", side, side) for i in range(n_modules)])
     header = {"projection": {"kind": "random"}, "model": {"fingerprint": "synthetic"}, "data": {"rows": n_rows},
@@ -102,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure_dtype(path: Path, dtype: str, n_rows: int, args) -> list[dict]:
     """Every (curvature, Q) timing on one ``dtype`` store (written, read once to warm the page cache)."""
-    from dataworth.curvature import fit
-    from dataworth.scoring import score_rows
+    from dataworth.influence.curvature import fit
+    from dataworth.influence.scores import score_rows
 
     t0 = time.perf_counter()
     store = build_store(path, n_rows, args.dim_side, args.modules, args.shard_rows, dtype)

@@ -48,7 +48,7 @@ def parse(argv) -> argparse.Namespace:
 
 def encode(doc_id: str, prompt: str, response: str = ""):
     """Byte-level tokens; loss on the response only (on everything when there is no separate response)."""
-    from dataworth.batching import Encoded
+    from dataworth.data.batching import Encoded
 
     prompt_ids = [BOS] + [b + OFFSET for b in prompt.encode()]
     response_ids = [b + OFFSET for b in response.encode()]
@@ -79,7 +79,7 @@ def build_model(seed: int):
 
 def main(argv=None) -> dict:
     import dataworth as dw
-    from dataworth.batching import collate, example_losses
+    from dataworth.data.batching import collate, example_losses
 
     args = parse(argv)
     docs, queries, gold = corpus(args.people)

@@ -73,8 +73,8 @@ def train_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int, epochs: int, seed: 
 
 def main(argv=None) -> dict:
     import dataworth as dw
-    from dataworth.extract import ExtractConfig, extract
-    from dataworth.scoring import self_influence
+    from dataworth.gradients.extract import ExtractConfig, extract
+    from dataworth.influence.scores import self_influence
     from sklearn.metrics import roc_auc_score
 
     args = parse(argv)

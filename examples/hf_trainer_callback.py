@@ -179,7 +179,7 @@ def parse(argv) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     import dataworth as dw
-    from dataworth.batching import collate
+    from dataworth.data.batching import collate
 
     args = parse(argv)
     docs, queries, gold = corpus(args.people)

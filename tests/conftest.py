@@ -100,8 +100,8 @@ def write_test_store(path, rows, modules, header, *, shard_rows=7, dtype="float3
     optional KFAC factors ``{module: (S, A)}`` written as extraction does (``curvature/kfac_factors``)."""
     import numpy as np
 
-    from dataworth.curvature import KFAC_FACTORS
-    from dataworth.store import StoreWriter
+    from dataworth.store.format import KFAC_FILE as KFAC_FACTORS
+    from dataworth.store.writer import StoreWriter
 
     rows = np.asarray(rows)
     writer = StoreWriter(path, modules=modules, dtype=dtype, shard_rows=shard_rows, header=header)

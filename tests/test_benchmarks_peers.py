@@ -103,17 +103,18 @@ def test_every_method_has_an_adapter_script():
 
 def test_one_step_sign_check_truth_is_a_watched_weights_sgd_step_with_the_median_norm_eta(
         tiny_llama, tiny_tokenizer, tmp_path):
-    """peers.one_step_effects (now `dataworth.retrain.one_step_effects`) against the plain loop it replaced:
+    """peers.one_step_effects (now `dataworth.evaluation.effects.one_step_effects`) against the plain loop it replaced:
     η = step_norm / median ‖∇L_n‖ over the watched weights, one SGD step per row, query loss decrease."""
     import copy
     import json
 
     import torch
 
-    from dataworth.batching import collate, example_losses
-    from dataworth.data import encode_rows, load_rows
-    from dataworth.logging import select_modules
-    from dataworth.retrain import measured_queries
+    from dataworth.data.batching import collate, example_losses
+    from dataworth.data.encode import encode_rows
+    from dataworth.data.rows import load_rows
+    from dataworth.gradients.modules import select_modules
+    from dataworth.data.encode import measured_queries
 
     copy.deepcopy(tiny_llama).save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")

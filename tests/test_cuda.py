@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from dataworth.extract import ExtractConfig, Extractor, build_projections, encoded_rows_for, extract
-from dataworth.logging import select_modules
+from dataworth.gradients.extract import ExtractConfig, Extractor, encoded_rows_for, extract
+from dataworth.gradients.projection import build_projections
+from dataworth.gradients.modules import select_modules
 
 from conftest import CORPUS, build_gpt2, build_llama
 from test_extract import as_out_in, mixed_rows, per_sample_grads
@@ -121,7 +122,7 @@ def test_cuda_train_generate_extract_score_runs_end_to_end(tmp_path):
 
     import dataworth as dw
     from dataworth.cli import cli
-    from dataworth.worlds import builtin_rows
+    from dataworth.data.worlds import builtin_rows
 
     def run(*args: str):
         result = CliRunner().invoke(cli, list(args), catch_exceptions=False)

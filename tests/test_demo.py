@@ -36,7 +36,7 @@ def test_demo_writes_every_stage_and_a_report(demo):
 
 
 def test_attribution_ranks_gold_documents_far_above_chance(demo):
-    from dataworth.data import load_rows
+    from dataworth.data.rows import load_rows
 
     queries = load_rows("builtin:bios:queries?people=12&distractors=12")
     n_rows = len(load_rows("builtin:bios?people=12&distractors=12"))
@@ -48,11 +48,13 @@ def test_attribution_ranks_gold_documents_far_above_chance(demo):
 def test_fact_table_has_tail_patch_for_every_method_and_the_reference_rows(demo):
     """Every row carries tail-patch@10; the figures are `evaluate.tail_patch` of that row's scores over the
     one-step effects (recomputed here for BM25 and the oracle); gold documents have recall 1 by construction."""
-    from dataworth.data import load_rows
-    from dataworth.demo import answer_effects, format_table, gold_positions
-    from dataworth.evaluate import bm25_scores, mean_effect, tail_patch
-    from dataworth.models import load_model
-    from dataworth.store import open_store
+    from dataworth.data.rows import load_rows
+    from dataworth.evaluation.effects import answer_effects
+    from dataworth.evaluation.facts import format_table, gold_positions
+    from dataworth.evaluation.baselines import bm25_scores
+    from dataworth.evaluation.metrics import mean_effect, tail_patch
+    from dataworth.model.load import load_model
+    from dataworth.store.reader import open_store
 
     rows = {r["method"]: r for r in demo.table}
     assert {"gold documents", "one-step oracle", "BM25 (prompt+response)"} <= set(rows)

@@ -32,7 +32,7 @@ N_ROWS = 20
 # ranks must refuse), then distributed fit, score and a PCA extract through the API.
 WORKER = r'''
 import json, os, signal, sys
-import dataworth.store as store_module
+import dataworth.gradients.extract as store_module  # where extraction looks write_fragment up
 from dataworth.cli import cli
 
 mode, args = sys.argv[1], sys.argv[2:]
@@ -45,7 +45,7 @@ if mode == "kill" and rank == 1:
     store_module.write_fragment = write_then_die
 if mode == "fitscore":
     import dataworth as dw
-    from dataworth.extract import ExtractConfig, extract
+    from dataworth.gradients.extract import ExtractConfig, extract
     from dataworth.errors import InputError
     spec = json.loads(args[0])
     try:
@@ -87,7 +87,7 @@ def extract_args(world: Path, out: Path, rank: str = "3") -> list[str]:
 
 
 def config(world: Path, out: Path, **kw):
-    from dataworth.extract import ExtractConfig
+    from dataworth.gradients.extract import ExtractConfig
 
     base = dict(model=str(world / "model"), data=str(world / "data.jsonl"), out=str(out), modules="mlp",
                 rank_in=3, rank_out=3, shard_rows=SHARD_ROWS, dtype="float32", device="cpu", batch_size=2)
@@ -97,7 +97,7 @@ def config(world: Path, out: Path, **kw):
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
     """The single-process store (no torch.distributed involved)."""
-    from dataworth.extract import extract
+    from dataworth.gradients.extract import extract
 
     assert D.launched_world_size() == 1
     return extract(config(world, tmp_path_factory.mktemp("ref") / "store"), progress=False)
@@ -136,8 +136,8 @@ def listed_shards(store_dir: Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- torchrun
 
 def test_killed_rank_resumes_with_the_same_command_and_equals_the_single_process_store(world, reference, tmp_path):
-    from dataworth.extract import extract
-    from dataworth.store import open_store
+    from dataworth.gradients.extract import extract
+    from dataworth.store.reader import open_store
 
     out = tmp_path / "store"
     killed = torchrun(str(world / "worker.py"), "kill", *extract_args(world, out))
@@ -161,10 +161,10 @@ def test_killed_rank_resumes_with_the_same_command_and_equals_the_single_process
 def test_disagreeing_ranks_are_refused_then_distributed_fit_score_and_pca_equal_single_process(
         world, reference, tmp_path):
     import dataworth as dw
-    from dataworth.curvature import load_curvature
-    from dataworth.extract import extract
-    from dataworth.scoring import load_scores
-    from dataworth.store import open_store
+    from dataworth.influence.curvature import load_curvature
+    from dataworth.gradients.extract import extract
+    from dataworth.influence.scores import load_scores
+    from dataworth.store.reader import open_store
 
     dist_store, single_store = tmp_path / "dist", tmp_path / "single"
     shutil.copytree(reference.path, dist_store)
@@ -200,7 +200,11 @@ def test_disagreeing_ranks_are_refused_then_distributed_fit_score_and_pca_equal_
     dist_pca = open_store(tmp_path / "pca_dist")
     full_d, full_s = (s.load_tensors("covariance/full.safetensors") for s in (dist_pca, single_pca))
     for key in full_s:
-        torch.testing.assert_close(full_d[key], full_s[key], rtol=1e-7, atol=1e-12)
+        # Each rank batches only its own shards, so batch shapes (padding) differ from the single process and
+        # the float32 forward/backward rounds differently: equal to float32 precision of the largest entry
+        # (an absolute 1e-12 failed on entries near zero: 1.1e-12 off in a matrix of scale 1e-3).
+        scale = float(full_s[key].abs().max())
+        torch.testing.assert_close(full_d[key], full_s[key], rtol=1e-5, atol=1e-6 * scale)
     assert dist_pca.ids == single_pca.ids
     np.testing.assert_allclose(np.abs(dist_pca.matrix()), np.abs(single_pca.matrix()), rtol=1e-4, atol=1e-6)
 
@@ -208,7 +212,7 @@ def test_disagreeing_ranks_are_refused_then_distributed_fit_score_and_pca_equal_
 # ------------------------------------------------------------------------------------------- in process
 
 def test_merge_of_per_rank_topk_equals_one_process_topk_with_ties_by_row():
-    from dataworth.scoring import StreamingTopK, top_k_reference
+    from dataworth.influence.scores import StreamingTopK, top_k_reference
 
     rng = np.random.default_rng(0)
     for trial in range(30):
@@ -254,7 +258,8 @@ def test_single_process_needs_no_torch_distributed(monkeypatch):
 
 def synthetic_store(path: Path, n: int, shard_rows: int = 256, seed: int = 0):
     """A store of ``n`` random float32 rows of 2 modules (8×8 each), with KFAC factors for ekfac."""
-    from dataworth.store import ModuleSpec, StoreWriter
+    from dataworth.store.format import ModuleSpec
+    from dataworth.store.writer import StoreWriter
 
     rng = np.random.default_rng(seed)
     modules = [ModuleSpec("a", 8, 8, 0, 64), ModuleSpec("b", 8, 8, 64, 64)]
@@ -285,8 +290,8 @@ def peak_traced(fn):
 
 
 def test_score_and_fit_under_a_memory_budget_equal_unbounded_results(tmp_path):
-    from dataworth.curvature import fit_curvature
-    from dataworth.scoring import score_rows
+    from dataworth.influence.curvature import fit_curvature
+    from dataworth.influence.scores import score_rows
 
     store = synthetic_store(tmp_path / "s", n=3000)
     budget_mb = 0.25
@@ -315,8 +320,8 @@ def test_score_and_fit_under_a_memory_budget_equal_unbounded_results(tmp_path):
 
 
 def test_tight_budget_splits_queries_into_batches_one_store_pass_each(tmp_path):
-    from dataworth.curvature import fit_curvature
-    from dataworth.scoring import score_rows
+    from dataworth.influence.curvature import fit_curvature
+    from dataworth.influence.scores import score_rows
 
     store = synthetic_store(tmp_path / "s", n=300, shard_rows=64)
     curv = fit_curvature(store, "none")
@@ -343,9 +348,10 @@ def test_tight_budget_splits_queries_into_batches_one_store_pass_each(tmp_path):
 # ------------------------------------------------------------------------------------------- GPU paths, on CPU
 
 def test_autocast_bf16_keeps_projections_float32_and_rows_close(tiny_tokenizer):
-    from dataworth.batching import Encoded, collate
-    from dataworth.extract import Extractor, build_projections, encoded_rows_for
-    from dataworth.logging import select_modules
+    from dataworth.data.batching import Encoded, collate
+    from dataworth.gradients.extract import Extractor, encoded_rows_for
+    from dataworth.gradients.projection import build_projections
+    from dataworth.gradients.modules import select_modules
 
     model = build_llama(len(tiny_tokenizer), seed=3)
     g = torch.Generator().manual_seed(0)
@@ -367,7 +373,7 @@ def test_autocast_bf16_keeps_projections_float32_and_rows_close(tiny_tokenizer):
 
 
 def test_background_shard_writer_gives_the_same_store_bytes(world, reference, tmp_path):
-    from dataworth.extract import extract
+    from dataworth.gradients.extract import extract
 
     store = extract(config(world, tmp_path / "async", async_write=True), progress=False)
 
@@ -380,7 +386,7 @@ def test_background_shard_writer_gives_the_same_store_bytes(world, reference, tm
 
 
 def test_background_writer_reports_a_failed_write_and_keeps_order():
-    from dataworth.extract import ShardWriteQueue
+    from dataworth.gradients.extract import ShardWriteQueue
 
     done = []
     with ShardWriteQueue(enabled=True, depth=2) as queue:
@@ -401,7 +407,7 @@ def test_background_writer_reports_a_failed_write_and_keeps_order():
 # ------------------------------------------------------------------------------------------- FAISS (optional)
 
 def test_recall_at_k_counts_shared_rows_per_query():
-    from dataworth.index import recall_at_k
+    from dataworth.influence.index import recall_at_k
 
     assert recall_at_k([[1, 2, 3], [4, 5, -1]], [[3, 2, 9], [7, 8, 9]]) == pytest.approx((2 / 3 + 0) / 2)
     assert recall_at_k([[0, 1]], [[1, 0]]) == 1.0
@@ -412,7 +418,7 @@ def test_faiss_flat_index_is_exact_and_ivf_recall_is_reported(tmp_path):
     from click.testing import CliRunner
 
     from dataworth.cli import cli
-    from dataworth.index import build_index, index_recall, load_index, search
+    from dataworth.influence.index import build_index, index_recall, load_index, search
 
     store = synthetic_store(tmp_path / "s", n=1200)
     build_index(store.path, "Flat")

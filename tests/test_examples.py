@@ -36,8 +36,8 @@ def test_trainer_capture_equals_extract_at_fixed_weights_and_traces_facts(tmp_pa
     import custom_loop_lm
     import hf_trainer_callback
 
-    from dataworth.extract import ExtractConfig, extract
-    from dataworth.task import LanguageModelTask
+    from dataworth.gradients.extract import ExtractConfig, extract
+    from dataworth.gradients.task import LanguageModelTask
 
     # truth: with learning rate 0 the weights never move, so the rows the Trainer's own backward produced
     # (token-mean loss, gradient accumulation 2) must equal extract()'s per-example rows of that model

@@ -2,7 +2,7 @@
 
 Why a module of its own: a comparison is only fair when every method sees the *same* model, the *same*
 token ids and loss masks, and the *same* per-example loss — summed over the example's target tokens
-(``dataworth.batching.example_losses``), never averaged. Each adapter (``run_<method>.py``) runs in its own
+(``dataworth.data.batching.example_losses``), never averaged. Each adapter (``run_<method>.py``) runs in its own
 process (so its peak RSS is its own) and only turns that shared task into its library's calls.
 
 This file imports dataworth, torch and numpy only, so it works both in the project's ``.venv`` and in
@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from dataworth.batching import Encoded, collate, example_losses
+from dataworth.data.batching import Encoded, collate, example_losses
 
 
 def parse_args(description: str, extra=None) -> argparse.Namespace:
@@ -43,10 +43,10 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, default=256, help="token limit per row (as in training)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the same for every method)")
-    ap.add_argument("--modules", default="all", help="dataworth.logging.select_modules spec of the watched layers")
+    ap.add_argument("--modules", default="all", help="dataworth.gradients.modules.select_modules spec of the watched layers")
     ap.add_argument("--measure", default="answer", choices=("answer", "answer+end"),
                     help="query loss measured: the response tokens, or also the appended end token "
-                         "(dataworth.retrain.MEASURES; must match the LDS task's)")
+                         "(dataworth.data.encode.MEASURES; must match the LDS task's)")
     if extra is not None:
         extra(ap)
     args = ap.parse_args()
@@ -81,10 +81,11 @@ class PeerTask:
 def load_task(args: argparse.Namespace, model_dir: str | None = None) -> PeerTask:
     """Model (``model_dir`` or ``--model``), tokenizer and encoded rows exactly as dataworth's own stages
     build them."""
-    from dataworth.data import encode_rows, load_rows
-    from dataworth.logging import select_modules
-    from dataworth.models import load_model
-    from dataworth.retrain import measured_queries
+    from dataworth.data.encode import encode_rows
+    from dataworth.data.rows import load_rows
+    from dataworth.gradients.modules import select_modules
+    from dataworth.model.load import load_model
+    from dataworth.data.encode import measured_queries
 
     loaded = load_model(model_dir or args.model, device="cpu")
     model = loaded.model.float().eval()
@@ -99,7 +100,7 @@ def load_task(args: argparse.Namespace, model_dir: str | None = None) -> PeerTas
 
 
 def batch_dict(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors of ``rows`` (``dataworth.batching.collate``) as a plain dict, which every peer's
+    """Right-padded tensors of ``rows`` (``dataworth.data.batching.collate``) as a plain dict, which every peer's
     data loader moves between devices without knowing our types."""
     b = collate(list(rows), list(range(len(rows))), pad_id)
     return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "loss_mask": b.loss_mask}
@@ -113,7 +114,7 @@ def ordered_batches(rows: Sequence[Encoded], pad_id: int, batch_size: int) -> It
 
 
 class _LossBatch:
-    """The attribute view ``dataworth.batching.token_losses`` reads (input_ids, loss_mask)."""
+    """The attribute view ``dataworth.data.batching.token_losses`` reads (input_ids, loss_mask)."""
 
     def __init__(self, batch: dict):
         self.input_ids = batch["input_ids"]

@@ -8,7 +8,7 @@ score_s = query gradients + scoring every training row. Sign: dataworth's own co
 
 ``--checkpoints ensemble``: the same on every kept checkpoint of the model (``MODEL/checkpoints/epoch-N``),
 scores averaged (TRAK's ensemble / TracIn's checkpoint sum); ``--optimizer adam``: TrackStar scoring
-(``dataworth.retrain.trackstar_scores``: exact gradients divided by the checkpoint's √v̂ + ε, unit-normalised;
+(``dataworth.evaluation.methods.trackstar_scores``: exact gradients divided by the checkpoint's √v̂ + ε, unit-normalised;
 ``--rank 0`` = no projection, R = I), which needs ``--projection identity``. Times include every checkpoint.
 """
 
@@ -38,7 +38,7 @@ def options(ap) -> None:
 
 def main() -> None:
     args = parse_args(__doc__, options)
-    from dataworth.retrain import AttributionConfig
+    from dataworth.evaluation.methods import AttributionConfig
 
     method = AttributionConfig(projection=args.projection, rank=args.rank, curvature=args.curvature,
                                damping=args.damping, mode=args.mode, modules=args.modules,
@@ -66,10 +66,11 @@ def main() -> None:
 
 def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list) -> np.ndarray:
     """``[Q, N]`` scores of the model in ``model_dir`` (``task`` reused when it is that model, else loaded)."""
-    from dataworth.curvature import fit
-    from dataworth.extract import ExtractConfig, extract, query_gradients
-    from dataworth.retrain import trackstar_scores
-    from dataworth.scoring import score_rows
+    from dataworth.influence.curvature import fit
+    from dataworth.gradients.extract import ExtractConfig, extract
+    from dataworth.gradients.queries import query_gradients
+    from dataworth.evaluation.methods import trackstar_scores
+    from dataworth.influence.scores import score_rows
 
     if task is None:
         with clock("load"):

@@ -24,20 +24,24 @@ Multi-node runs need the store directory on a filesystem every rank sees (shards
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
+    import torch
+
 import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from dataworth.errors import InputError
-from dataworth.store import first_difference
-
-if TYPE_CHECKING:
-    import torch
+from dataworth.util import first_difference, short
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 # How long a rank waits in a collective for the others (a dead rank under torchrun is noticed sooner:
 # the launcher stops the whole group).
 DEFAULT_TIMEOUT_MIN = 30
@@ -137,10 +141,6 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Collectives (identity for a single process)
-
-
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         import torch.distributed as dist
@@ -218,10 +218,6 @@ def raise_together(ctx: DistContext, error: BaseException | None) -> None:
             raise InputError(f"rank {rank} failed: {message}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Agreement before work
-
-
 def check_agreement(ctx: DistContext, what: dict[str, Any], label: str) -> None:
     """Refuse, on every rank, when any rank's ``what`` differs from rank 0's.
 
@@ -235,17 +231,8 @@ def check_agreement(ctx: DistContext, what: dict[str, Any], label: str) -> None:
         diff = first_difference(gathered[0], other)
         if diff:
             key, ref, got = diff
-            raise InputError(f"rank {rank} disagrees with rank 0 on {label} key {key!r}: {_short(got)} != "
-                             f"{_short(ref)} (rank 0); every rank must run the same command")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Work split
+            raise InputError(f"rank {rank} disagrees with rank 0 on {label} key {key!r}: {short(repr(got))} != "
+                             f"{short(repr(ref))} (rank 0); every rank must run the same command")
 
 
 def owned_shards(n_shards: int, ctx: DistContext) -> range:
@@ -270,10 +257,6 @@ def iter_owned_blocks(store, block_rows: int, ctx: DistContext, *, reuse: bool =
               for i in owned_shards(len(shards), ctx)
               for start in range(shards[i]["first_row"], shards[i]["first_row"] + shards[i]["rows"], block_rows))
     yield from store.iter_row_ranges(ranges, reuse=reuse, raw=raw)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Exact top-k merge
 
 
 def merge_topk(values: Sequence[np.ndarray], rows: Sequence[np.ndarray], k: int,

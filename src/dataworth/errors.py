@@ -19,3 +19,8 @@ def where(path: object, line: int | None = None, field: str | None = None) -> st
     if field is not None:
         loc += f" field '{field}'"
     return loc
+
+
+def one_line(text: object) -> str:
+    """``text`` with its newlines turned into spaces, for a message that must stay on one line."""
+    return " ".join(str(text).split("\n"))

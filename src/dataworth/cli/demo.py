@@ -6,7 +6,8 @@ import json
 
 import click
 
-from dataworth.demo import DemoConfig, format_table, run_demo
+from dataworth.demo import DemoConfig, run_demo
+from dataworth.evaluation.facts import format_table
 
 
 @click.command("demo")

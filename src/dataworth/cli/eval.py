@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 
-
 _TASK = [
     click.option("--data", default="builtin:bios?people=8&distractors=8", show_default=True,
                  help="Training rows (file, directory, hf:… or builtin:…)."),
@@ -63,8 +62,9 @@ def _options(*groups):
 
 
 def _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, measure):
-    from dataworth.retrain import LdsConfig, auto_queries
-    from dataworth.train import TrainConfig
+    from dataworth.evaluation.lds import auto_queries
+    from dataworth.evaluation.retrain import LdsConfig
+    from dataworth.model.train import TrainConfig
 
     return LdsConfig(data=data, queries=queries or auto_queries(data),
                      train=TrainConfig.from_preset(preset, epochs=epochs), alpha=alpha, subsets=subsets,
@@ -72,7 +72,7 @@ def _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep
 
 
 def _method(projection, rank, curvature, damping, mode, modules, checkpoint_mode, optimizer, mix, measure_end_token):
-    from dataworth.retrain import AttributionConfig
+    from dataworth.evaluation.methods import AttributionConfig
 
     return AttributionConfig(projection=projection, rank=rank, curvature=curvature, damping=damping, mode=mode,
                              modules=modules, checkpoints=checkpoint_mode, optimizer=optimizer, mix=mix,
@@ -123,7 +123,7 @@ def lds_command(data, queries, preset, epochs, alpha, subsets, replicates, keep_
       dataworth eval lds --out lds_out --data 'builtin:bios?people=8&distractors=8' \\
           --subsets 32 --replicates 2 --projection random --rank 32 --curvature ekfac --json lds.json
     """
-    from dataworth.retrain import eval_lds
+    from dataworth.evaluation.lds import eval_lds
 
     config = _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, measure)
     figures = eval_lds(out_dir, config, _method(projection, rank, curvature, damping, mode, modules, checkpoint_mode,
@@ -149,7 +149,7 @@ def brittleness_command(data, queries, preset, epochs, alpha, subsets, replicate
     Example:
       dataworth eval brittleness --out lds_out --k 1 --k 2 --k 4 --queries-sampled 4 --json brittle.json
     """
-    from dataworth.retrain import eval_brittleness
+    from dataworth.evaluation.lds import eval_brittleness
 
     config = _task_config(data, queries, preset, epochs, alpha, subsets, replicates, keep_checkpoints, seed, measure)
     figures = eval_brittleness(out_dir, config, _method(projection, rank, curvature, damping, mode, modules,
@@ -178,8 +178,8 @@ def facts_command(model, data, queries, out_dir, projection, rank, curvatures, m
     Example:
       dataworth eval facts --model demo_out/model --data builtin:bios --out facts_out --json facts.json
     """
-    from dataworth.demo import format_table
-    from dataworth.retrain import auto_queries, eval_facts
+    from dataworth.evaluation.facts import eval_facts, format_table
+    from dataworth.evaluation.lds import auto_queries
 
     table = eval_facts(model, data, queries or auto_queries(data), out_dir, projection=projection, rank=rank,
                        curvatures=curvatures or ("none", "ekfac"), modes=modes or ("dot", "cosine"), modules=modules,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dataworth.extract import ExtractConfig, extract
+from dataworth.gradients.extract import ExtractConfig, extract
 
 
 @click.command("extract")

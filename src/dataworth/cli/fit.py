@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dataworth.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE, fit
+from dataworth.influence.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE, fit
 
 
 @click.command("fit")

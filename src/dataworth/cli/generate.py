@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dataworth.generate import generate
+from dataworth.model.generate import generate
 
 
 @click.command("generate")

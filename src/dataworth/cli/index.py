@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dataworth.curvature import CURVATURE_KINDS
+from dataworth.influence.curvature import CURVATURE_KINDS
 
 
 @click.group("index")
@@ -32,7 +32,7 @@ def build_command(store, factory, train_size):
     Example:
       dataworth index build --store demo_out/store --factory IVF256,PQ32
     """
-    from dataworth.index import build_index
+    from dataworth.influence.index import build_index
 
     meta = build_index(store, factory, train_size=train_size)
     click.echo(f"index: {meta['factory']} over {meta['rows']} rows × {meta['dim']} dims in {meta['build_s']:.2f}s")
@@ -54,7 +54,7 @@ def recall_command(store, curvature, k, nprobe, sample, seed, json_path):
     Example:
       dataworth index recall --store demo_out/store --k 10 --nprobe 16 --json recall.json
     """
-    from dataworth.index import index_recall
+    from dataworth.influence.index import index_recall
 
     figures = index_recall(store, curvature=curvature, k=k, nprobe=nprobe, sample=sample, seed=seed)
     for name, value in figures.items():

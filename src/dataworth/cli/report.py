@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dataworth.report import DEFAULT_MAX_DISPLAY_TOKENS, report
+from dataworth.reports.report import DEFAULT_MAX_DISPLAY_TOKENS, report
 
 
 @click.command("report")

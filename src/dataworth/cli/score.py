@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from dataworth.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE
 from dataworth.errors import InputError
-from dataworth.scoring import SCORE_MODES, STREAM_PROJECTIONS, score, score_stream
+from dataworth.influence.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE
+from dataworth.influence.score import STREAM_PROJECTIONS, score, score_stream
+from dataworth.influence.scores import SCORE_MODES
 
 
 @click.command("score")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from dataworth.select import ADAM_CONVENTIONS, AGGREGATES, GRADIENTS, load_config
+from dataworth.model.optimizer import ADAM_CONVENTIONS
+from dataworth.selection.less import AGGREGATES, GRADIENTS, load_config
 
 _LORA = [
     click.option("--lr", type=float, default=None, help="LoRA learning rate (warm-up and final) [2e-4]."),
@@ -101,7 +102,7 @@ def warmup_command(run_dir, device, threads, quiet, **flags):
     Example:
       dataworth select warmup --run less_out --pool pool.jsonl --base tiny_model --warmup-percent 5 --epochs 4
     """
-    from dataworth.select import warmup
+    from dataworth.selection.less import warmup
 
     config = _config(run_dir, device=device, threads=threads, **flags)
     result = warmup(config, progress=not quiet)
@@ -121,7 +122,7 @@ def features_command(run_dir, device, threads, quiet, checkpoints, overwrite, **
     Example:
       dataworth select features --run less_out --valid valid_dir --task units --dense-dim 8192
     """
-    from dataworth.select import features
+    from dataworth.selection.less import features
 
     config = _config(run_dir, device=device, threads=threads, **flags)
     record = features(config, checkpoints or None, progress=not quiet, overwrite=overwrite)
@@ -141,7 +142,7 @@ def match_command(run_dir, device, threads, quiet, tasks, **flags):
     Example:
       dataworth select match --run less_out --task units --aggregate mean --across max --percent 5
     """
-    from dataworth.select import list_tasks, match
+    from dataworth.selection.less import list_tasks, match
 
     config = _config(run_dir, device=device, threads=threads, tasks=tasks, **flags)
     for task in config.tasks or list_tasks(config.valid):
@@ -166,7 +167,7 @@ def run_command(run_dir, device, threads, quiet, json_path, **flags):
       dataworth select run --run less_out --pool builtin:instruct --base tiny_model \\
           --valid builtin:instruct:valid --test builtin:instruct:test --task units
     """
-    from dataworth.select import run
+    from dataworth.selection.less import run
 
     config = _config(run_dir, device=device, threads=threads, **flags)
     results = run(config, progress=not quiet)
@@ -199,8 +200,12 @@ def prefilter_command(run_dir, device, threads, quiet, tasks, labelled, keep, pr
     Example:
       dataworth select prefilter --run less_out --task units --labelled 0.2 --keep 0.2 --predictor gbm
     """
-    from dataworth.prefilter import PrefilterConfig, format_metrics, run_prefilter
-    from dataworth.select import list_tasks
+    from dataworth.selection.less import list_tasks
+    from dataworth.selection.prefilter import (
+        PrefilterConfig,
+        format_metrics,
+        run_prefilter,
+    )
 
     config = _config(run_dir, device=device, threads=threads, tasks=tasks, **flags)
     percent = flags.get("percent") or config.percent

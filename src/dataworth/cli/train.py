@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dataworth.train import PRESETS, TrainConfig, train
+from dataworth.model.train import PRESETS, TrainConfig, train
 
 
 @click.command("train")

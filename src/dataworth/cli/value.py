@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dataworth.ledger import ledger_name, value_ledger
+from dataworth.reports.ledger import ledger_name, value_ledger
 
 
 @click.command("value")

@@ -1,0 +1,230 @@
+"""Retraining on subsets of the training data, with an on-disk resumable cache: the ground truth of evaluation.
+
+Why a module of its own: the Linear Datamodeling Score (LDS, Park et al. 2023, "TRAK", §2.2), leave-k-out
+and brittleness tests (Ilyas et al. 2022; Bae et al. 2024) all judge an attribution method against what
+*really* happens to a query's loss when the model is retrained without some documents. Retraining is by far
+the most expensive part of evaluation, so every retrain is cached on disk, one file per retrain, and a killed
+run resumes. Several benchmarks (``benchmarks/lds.py``, ``benchmarks/peers.py``) score different attribution
+methods against the *same* retrains by calling `build_lds_task` with the same `LdsConfig`.
+
+The task (``build_lds_task(out_dir, LdsConfig(...)) -> LdsTask``)::
+
+    out_dir/cache.json                 the configuration (see `LdsConfig.identity`); another one is refused
+    out_dir/model/                     the full-data model (``dataworth.train``): the model being attributed,
+                                       with ``checkpoints/epoch-N/`` for ``LdsConfig.checkpoints`` epochs
+    out_dir/retrains/subset-MMM-rR.json  one LDS retrain: subset M, replicate (seed) R
+    out_dir/retrains/removal-<sha>-rR.json  one removal retrain (leave-k-out / brittleness), keyed by the
+                                       removed set; ``full-rR.json`` is the all-rows reference retrain
+
+Public API: ``LdsConfig``, ``build_lds_task(out, config) -> LdsTask`` (``load_lds_task`` never trains),
+``LdsTask.evaluate(scores [Q, N]) -> dict`` (``evaluate.lds_summary``), ``removal_losses`` / ``full_losses`` /
+``removal_test`` (leave-k-out, brittleness), ``AttributionConfig`` + ``attribution_scores(task, method)``
+(dataworth's own scores for the task), ``one_step_effects`` (the ``[Q, N]`` effect of one more training
+step on each row: the ground truth of the tail-patch metric, ``evaluate.tail_patch``), and ``eval_lds`` /
+``eval_brittleness`` / ``eval_facts`` (the CLI).
+
+A retrain file (written atomically when that retrain is done)::
+
+    {"name": "subset-003-r0", "seed": 1234, "included": ["doc-001", ...],  # ids of the training rows used
+     "losses": [12.3, ...],           # per query (cache.json "query_ids" order): summed response loss
+     "train_loss": 0.41, "seconds": 9.8}
+
+Retrains: subset ``m`` holds exactly ``round(α·N)`` rows drawn without replacement with a generator seeded by
+``(seed, m)``; replicate ``r`` of subset ``m`` trains from scratch with its own seed (init + shuffle), so the
+replicates of a subset differ only by training noise — that is what the noise ceiling measures. The loop is
+``dataworth.train``'s (same model builder, AdamW, schedule, clipping, seeded shuffle) on the full-data
+model's tokenizer; with every row and the base seed it reproduces ``dataworth.train`` bit for bit (tested).
+Models are not kept: only the per-query losses.
+
+The query measurement is ``batching.example_losses``, the loss summed over the query's target tokens, with
+``LdsConfig.measure`` choosing which: ``answer`` (default) — the response tokens only, the same measurement
+``extract.query_gradients`` attributes by default — or ``answer+end`` — the response *and* the end token that
+``data.encode_rows`` appends (what caches made before ``measure`` existed hold; they open as ``answer+end``).
+``AttributionConfig.measure_end_token`` chooses what the *attribution* measures, so the two can be crossed.
+Sign convention shared with ``dataworth.scoring``: a positive score means the training row *lowers* the query
+loss, so the LDS correlates summed scores with the *negated* loss (``dataworth.evaluate.lds``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataworth.errors import InputError
+from dataworth.evaluation.retrain import LdsTask
+from dataworth.gradients.extract import ExtractConfig, extract
+from dataworth.gradients.projection import dense_project
+from dataworth.gradients.queries import query_gradients
+from dataworth.influence.curvature import check_kind, fit_curvature
+from dataworth.influence.scores import check_mode, score_rows
+from dataworth.model.load import load_model
+from dataworth.model.optimizer import final_optimizer_dir, load_optimizer_state
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """How dataworth attributes the task's queries (one row of the LDS table).
+
+    ``projection``: ``random`` | ``pca`` | ``identity`` (LoGra; ``rank`` = k_in = k_out, ignored for identity).
+    ``curvature``: ``none`` | ``raw`` | ``kfac`` | ``ekfac``; ``damping``: a float or ``auto``.
+    ``mode``: ``dot`` | ``cosine`` | ``relative`` (``dataworth.scoring``).
+    ``checkpoints``: ``final`` (the full-data model) or ``ensemble`` — the mean of the score matrices of
+    the task's kept per-epoch checkpoints (TRAK's model ensemble / TracIn's checkpoint sum, with equal
+    weights). ``optimizer``: ``none`` or ``adam`` — TrackStar (Chang et al. 2024, "Scalable Influence and
+    Fact Tracing for LLM Pretraining", §3): each gradient is divided elementwise by ``√v̂ + ε`` (the final
+    checkpoint's Adam second moment) — exact only with ``identity`` projection, which this requires —
+    then densely projected to ``rank`` dims, preconditioned with the damped mixture
+    ``R = (1 − mix)·R_train + mix·R_query`` of the train and query gradient second moments, and unit-normalised
+    (``mode`` is then ignored: TrackStar is a cosine). ``rank=0`` with ``adam``: no projection and ``R = I``.
+    ``measure_end_token``: the query gradient includes the appended end-of-sequence target (matching a task
+    with ``measure="answer+end"``); off by default, like ``extract.query_gradients`` for prompt/response rows
+    (its shared "stop here" gradient drowns the answer's signal) and like the default ``measure="answer"``.
+    """
+
+    projection: str = "random"
+    rank: int = 32
+    curvature: str = "ekfac"
+    damping: Any = "auto"
+    mode: str = "dot"
+    modules: str = "all"
+    checkpoints: str = "final"
+    optimizer: str = "none"
+    mix: float = 0.5
+    measure_end_token: bool = False
+
+    def label(self) -> str:
+        return self._label() + (" +end-token" if self.measure_end_token else "")
+
+    def _label(self) -> str:
+        proj = "identity" if self.projection == "identity" else f"{self.projection}-{self.rank}"
+        if self.optimizer == "adam":
+            how = "exact, R=I" if self.rank == 0 else f"{proj}→{self.rank} mix={self.mix}"
+            return f"trackstar {how}" + (" ensemble" if self.checkpoints == "ensemble" else "")
+        extra = " ensemble" if self.checkpoints == "ensemble" else ""
+        return f"{proj} {self.curvature}/{self.mode}{extra}"
+
+    def check(self) -> None:
+
+        check_kind(self.curvature)
+        check_mode(self.mode)
+        if self.projection not in ("random", "pca", "identity"):
+            raise InputError(f"--projection: must be random, pca or identity, got {self.projection!r}")
+        if self.checkpoints not in ("final", "ensemble"):
+            raise InputError(f"--checkpoints: must be final or ensemble, got {self.checkpoints!r}")
+        if self.optimizer not in ("none", "adam"):
+            raise InputError(f"--optimizer: must be none or adam, got {self.optimizer!r}")
+        if self.optimizer == "adam" and self.projection != "identity":
+            raise InputError("--optimizer adam (TrackStar) needs --projection identity (exact per-element scaling)")
+        if self.rank < (0 if self.optimizer == "adam" else 1):
+            raise InputError(f"--rank: must be >= 1 (0 only with --optimizer adam), got {self.rank}")
+        if not 0 <= self.mix <= 1:
+            raise InputError(f"--mix: must be in [0, 1], got {self.mix}")
+
+
+def attribution_scores(task: LdsTask, method: AttributionConfig, *, progress: bool = False,
+                       memo: dict | None = None) -> np.ndarray:
+    """The ``[Q, N]`` float64 score matrix of ``method`` for the task's queries (row order ``task.train_ids``).
+
+    Stores are extracted once per (checkpoint, projection, rank) under ``task.out/stores`` and reused.
+    ``memo``: a dict in which query gradients and fitted curvatures are kept between calls (benchmarks
+    that score many options of the same stores pass one; results are identical without it).
+    """
+    method.check()
+    if method.checkpoints == "ensemble":
+        if not task.checkpoints:
+            raise InputError("--checkpoints ensemble: the task kept no checkpoints (build it with checkpoints >= 2)")
+        models = list(task.checkpoints)
+    else:
+        models = [task.model_dir]
+    memo = {} if memo is None else memo
+    mats = [_scores_at(task, Path(m), method, progress, memo) for m in models]
+    return np.mean(mats, axis=0)
+
+
+def store_dir_for(task: LdsTask, model_dir: Path, method: AttributionConfig) -> Path:
+    """Where the store of ``method``'s projection on checkpoint ``model_dir`` lives (shared between options)."""
+    tag = "final" if Path(model_dir) == task.model_dir else Path(model_dir).name
+    proj = method.projection if method.projection == "identity" else f"{method.projection}-{method.rank}"
+    return task.out / "stores" / f"{tag}-{proj}-{method.modules}"
+
+
+def _scores_at(task: LdsTask, model_dir: Path, method: AttributionConfig, progress: bool, memo: dict) -> np.ndarray:
+
+    store_dir = store_dir_for(task, model_dir, method)
+    # identity ignores the rank; a fixed value keeps one identity store whatever rank an option asks for
+    rank = 64 if method.projection == "identity" else method.rank
+    store = extract(ExtractConfig(model=str(model_dir), data=task.config.data, out=str(store_dir),
+                                  modules=method.modules, projection=method.projection, rank_in=rank,
+                                  rank_out=rank, seed=task.config.seed, dtype="float32", device="cpu",
+                                  shard_rows=4096, max_length=task.config.train.max_length), progress=progress)
+    if list(store.ids) != task.train_ids:
+        raise InputError(f"{store_dir}: store rows are not the task's training rows in order")
+    key = ("queries", str(store_dir), method.measure_end_token)
+    if key not in memo:
+        loaded = load_model(str(model_dir), device="cpu")
+        memo[key] = query_gradients(store, loaded.model, loaded.tokenizer, task.query_rows(),
+                                    chat=task.config.train.chat, measure_end_token=method.measure_end_token)
+    queries = memo[key]
+    if method.optimizer == "adam":
+        return trackstar_scores(store, queries, model_dir, method)
+    key = ("curvature", str(store_dir), method.curvature, str(method.damping))
+    if key not in memo:
+        memo[key] = fit_curvature(store, method.curvature, method.damping)
+    result = score_rows(store, queries, task.query_ids, memo[key], mode=method.mode, top_k=1, full=True)
+    return np.asarray(result.matrix, dtype=np.float64)
+
+
+def adam_normalise(rows: np.ndarray, store, states: dict, eps: float) -> np.ndarray:
+    """Divide each module's exact gradient columns ``[*, D]`` by ``√v̂ + eps`` of that module's weight
+    (TrackStar's optimizer normalisation), ``v̂ = exp_avg_sq / (1 − β₂ᵗ)`` the bias-corrected Adam second
+    moment (``states[name]["_bias2"]`` holds ``1 − β₂ᵗ``)."""
+    out = np.array(rows, dtype=np.float32, copy=True)
+    layouts = {m["name"]: m for m in store.manifest["config"]["module_info"]}
+    for spec in store.modules:
+        name = f"{spec.name}.weight"
+        if name not in states:
+            raise InputError(f"optimizer state has no entry for {name} (checkpoint from another model?)")
+        v = states[name]["exp_avg_sq"].numpy().astype(np.float64)
+        v = v / states[name]["_bias2"]
+        if layouts[spec.name].get("weight_layout", "out_in") != "out_in":
+            v = v.T  # Conv1D stores in × out; store rows are out × in
+        denom = (np.sqrt(v) + eps).reshape(-1).astype(np.float32)
+        if denom.size != spec.size:
+            raise InputError(f"module {spec.name}: optimizer state has {denom.size} entries, store has {spec.size}")
+        out[:, spec.offset:spec.offset + spec.size] /= denom[None]
+    return out
+
+
+def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: AttributionConfig) -> np.ndarray:
+    """TrackStar scores ``[Q, N]``: cos(R^{-1/2} P ĝ_q, R^{-1/2} P ĝ_n) with ĝ Adam-normalised exact gradients,
+    P a seeded Gaussian ``D → rank`` projection, ``R`` the damped train/query second-moment mixture."""
+
+    source = final_optimizer_dir(model_dir)
+    if source is None:
+        raise InputError(f"{model_dir}: no optimizer state (checkpoints/epoch-N/optimizer.safetensors) for TrackStar")
+    states, meta = load_optimizer_state(source)
+    beta2 = float(meta["betas"][1])
+    for name, st in states.items():
+        st["_bias2"] = 1.0 - beta2 ** int(meta["step"][name])
+    train = adam_normalise(store.matrix(), store, states, float(meta["eps"]))
+    query = adam_normalise(query_rows, store, states, float(meta["eps"]))
+    if method.rank == 0:  # no projection and R = I: the cosine of the Adam-normalised exact gradients
+        return _unit(query.astype(np.float64)) @ _unit(train.astype(np.float64)).T
+    both = torch.from_numpy(np.concatenate([train, query]))
+    projected = dense_project(both, store.manifest["projection"]["seed"], method.rank).double().numpy()
+    train_p, query_p = projected[: len(train)], projected[len(train):]
+    r = (1 - method.mix) * (train_p.T @ train_p) / len(train_p) + method.mix * (query_p.T @ query_p) / len(query_p)
+    values, vectors = np.linalg.eigh(r)
+    values = np.clip(values, 0, None)
+    damping = 0.1 * values.mean() if method.damping == "auto" else float(method.damping)
+    whiten = (vectors / np.sqrt(values + damping)) @ vectors.T  # R^{-1/2}
+    return _unit(query_p @ whiten) @ _unit(train_p @ whiten).T
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)

@@ -1,0 +1,265 @@
+"""Gradient projections: which low-dimensional view of each layer's gradient the store keeps.
+
+LoGra (Choe et al. 2024, "What is Your Data Worth to GPT?", §3) projects a linear layer's gradient
+``G = Σ_t δ_t x_tᵀ`` (``d_out × d_in``) with a Kronecker-structured map
+
+    Ĝ = P_out G P_inᵀ = Σ_t (P_out δ_t)(P_in x_t)ᵀ          P_in: k_in × d_in, P_out: k_out × d_out
+
+so the per-example gradient is never formed at full size. This module builds ``P_in`` / ``P_out``:
+
+- ``random``: i.i.d. N(0, 1/k) entries, regenerated from (seed, module name, side) — nothing to store.
+- ``pca``: the top-k eigenvectors of the activation / output-gradient covariances (the KFAC factors),
+  from a first pass over the data; stored in the store because they depend on the data.
+- ``identity``: ``P = I`` (k = d); the store then holds exact per-example gradients.
+
+The ``dense`` kind (TRAK/LESS style: materialise a small parameter set's per-example gradient, transform
+it, then project) uses `dense_projection_block`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dataworth.errors import InputError
+from dataworth.gradients.modules import layer_dims, resolve_modules, weight_layout
+from dataworth.store.format import PCA_FILE
+
+KINDS = ("random", "pca", "identity", "dense")
+
+
+@dataclass(frozen=True)
+class ModuleProjection:
+    """``P_in`` (k_in × d_in) and ``P_out`` (k_out × d_out) for one module; ``None`` means identity."""
+
+    name: str
+    d_in: int
+    d_out: int
+    p_in: torch.Tensor | None
+    p_out: torch.Tensor | None
+
+    @property
+    def k_in(self) -> int:
+        return self.d_in if self.p_in is None else self.p_in.shape[0]
+
+    @property
+    def k_out(self) -> int:
+        return self.d_out if self.p_out is None else self.p_out.shape[0]
+
+
+def seed_for(seed: int, name: str, side: str) -> int:
+    """A 63-bit generator seed derived from (seed, module name, side), stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}:{name}:{side}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def random_matrix(k: int, d: int, seed: int) -> torch.Tensor:
+    """Gaussian ``k × d`` matrix with entries N(0, 1/k), so that E[‖P v‖²] = ‖v‖² (Johnson–Lindenstrauss)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(k, d, generator=gen, dtype=torch.float32) / (k**0.5)
+
+
+def clamp_rank(k: int, d: int) -> int:
+    """A rank above the layer's dimension buys nothing: it is clamped to ``d`` (documented behaviour)."""
+    if k < 1:
+        raise InputError(f"--rank must be >= 1, got {k}")
+    return min(k, d)
+
+
+def random_projection(name: str, d_in: int, d_out: int, k_in: int, k_out: int, seed: int) -> ModuleProjection:
+    """Seeded random LoGra projection for one module (regenerated, never stored)."""
+    k_in, k_out = clamp_rank(k_in, d_in), clamp_rank(k_out, d_out)
+    return ModuleProjection(
+        name, d_in, d_out,
+        p_in=random_matrix(k_in, d_in, seed_for(seed, name, "in")),
+        p_out=random_matrix(k_out, d_out, seed_for(seed, name, "out")),
+    )
+
+
+def identity_projection(name: str, d_in: int, d_out: int) -> ModuleProjection:
+    """No compression: the store holds exact per-example gradients (small models and tests)."""
+    return ModuleProjection(name, d_in, d_out, p_in=None, p_out=None)
+
+
+def top_eigenvectors(cov: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs of a symmetric PSD matrix, float64 eigendecomposition.
+
+    Returns ``(vectors k × d float32, values k float64)``, eigenvalues descending. Each eigenvector's sign is
+    fixed (largest-magnitude entry positive) so the projection is deterministic.
+    """
+    values, vectors = torch.linalg.eigh(cov.double())
+    order = torch.argsort(values, descending=True)[:k]
+    vecs = vectors[:, order].T.contiguous()
+    idx = vecs.abs().argmax(dim=1)
+    signs = torch.sign(vecs[torch.arange(vecs.shape[0]), idx])
+    signs[signs == 0] = 1
+    return (vecs * signs[:, None]).float(), values[order]
+
+
+def pca_projection(name: str, cov_in: torch.Tensor, cov_out: torch.Tensor, k_in: int, k_out: int) -> ModuleProjection:
+    """LoGra-PCA: rows of ``P_in`` / ``P_out`` are the top eigenvectors of the KFAC factors ``A`` / ``S``."""
+    d_in, d_out = cov_in.shape[0], cov_out.shape[0]
+    p_in, _ = top_eigenvectors(cov_in, clamp_rank(k_in, d_in))
+    p_out, _ = top_eigenvectors(cov_out, clamp_rank(k_out, d_out))
+    return ModuleProjection(name, d_in, d_out, p_in=p_in, p_out=p_out)
+
+
+def check_projection(proj: ModuleProjection) -> None:
+    """Refuse degenerate projections (NaN/inf entries or all-zero rows): they silently zero out influence."""
+    for side, p in (("in", proj.p_in), ("out", proj.p_out)):
+        if p is None:
+            continue
+        if not torch.isfinite(p).all():
+            raise InputError(f"module {proj.name}: P_{side} has non-finite entries (degenerate projection)")
+        if (p.abs().sum(dim=1) == 0).any():
+            raise InputError(f"module {proj.name}: P_{side} has all-zero rows (degenerate projection)")
+
+
+def projection_digest(projs: list[ModuleProjection]) -> str:
+    """sha256 over every projection matrix, recorded in the manifest so a regenerated projection is verifiable."""
+    h = hashlib.sha256()
+    for p in projs:
+        h.update(f"{p.name}:{p.d_in}:{p.d_out}:{p.k_in}:{p.k_out}".encode())
+        for m in (p.p_in, p.p_out):
+            if m is not None:
+                h.update(m.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def dense_projection_block(seed: int, d_total: int, k: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (over the flattened parameter axis) of a seeded ``d_total × k`` Gaussian projection.
+
+    Generated in chunks of the input dimension so the full ``d_total × k`` matrix never has to sit in
+    memory; entries N(0, 1/k). The same (seed, d_total, k) always yields the same matrix.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed_for(seed, f"dense:{d_total}:{k}", f"{start}:{stop}"))
+    return torch.randn(stop - start, k, generator=gen, dtype=torch.float32) / (k**0.5)
+
+
+DENSE_CHUNK = 4096
+
+
+def dense_project(flat: torch.Tensor, seed: int, k: int, chunk: int = DENSE_CHUNK) -> torch.Tensor:
+    """Project per-example flattened gradients ``[B, d_total] → [B, k]`` with the chunked seeded Gaussian."""
+    b, d_total = flat.shape
+    out = torch.zeros(b, k, dtype=torch.float32, device=flat.device)
+    for start in range(0, d_total, chunk):
+        stop = min(start + chunk, d_total)
+        block = dense_projection_block(seed, d_total, k, start, stop).to(flat.device)
+        out += flat[:, start:stop].float() @ block
+    return out
+
+
+_DENSE_CACHE_BYTES = 1 << 30  # cache the dense projection blocks when they fit in 1 GiB
+
+
+class DenseProjector:
+    """``dataworth.projection.dense_project`` with its Gaussian blocks generated once and kept (when they
+    fit in 1 GiB): the same blocks, the same chunked sum, so bit-identical output, without regenerating
+    ``d_total × k`` random numbers per batch. `dense_projector` reuses the last one built."""
+
+    def __init__(self, d_total: int, k: int, seed: int):
+
+        self.d_total, self.k, self.seed = d_total, k, seed
+        self.blocks = None
+        if d_total * k * 4 <= _DENSE_CACHE_BYTES:
+            self.blocks = [(start, min(start + DENSE_CHUNK, d_total),
+                            dense_projection_block(seed, d_total, k, start, min(start + DENSE_CHUNK, d_total)))
+                           for start in range(0, d_total, DENSE_CHUNK)]
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[B, d_total] → [B, k]`` float32."""
+
+        if self.blocks is None:
+            return dense_project(flat, self.seed, self.k)
+        out = torch.zeros(flat.shape[0], self.k, dtype=torch.float32, device=flat.device)
+        for start, stop, block in self.blocks:
+            out += flat[:, start:stop].float() @ block.to(flat.device)
+        return out
+
+
+_LAST_PROJECTOR: list[DenseProjector] = []
+
+
+def dense_projector(d_total: int, k: int, seed: int) -> DenseProjector:
+    """A `DenseProjector`, reused when the previous call asked for the same ``(d_total, k, seed)``."""
+    if not (_LAST_PROJECTOR and (_LAST_PROJECTOR[0].d_total, _LAST_PROJECTOR[0].k, _LAST_PROJECTOR[0].seed)
+            == (d_total, k, seed)):
+        _LAST_PROJECTOR[:] = [DenseProjector(d_total, k, seed)]
+    return _LAST_PROJECTOR[0]
+
+
+def build_projections(
+    modules: Sequence[tuple[str, nn.Module]],
+    kind: str,
+    rank_in: int,
+    rank_out: int,
+    seed: int,
+    pca_covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, ModuleProjection]:
+    """One `ModuleProjection` per watched module. ``dense`` hooks capture exact gradients (identity)."""
+    out = {}
+    for name, module in modules:
+        d_in, d_out = layer_dims(module)
+        if kind == "random":
+            proj = random_projection(name, d_in, d_out, rank_in, rank_out, seed)
+        elif kind in ("identity", "dense"):
+            proj = identity_projection(name, d_in, d_out)
+        elif kind == "pca":
+            if pca_covariances is None:
+                raise ValueError("pca projection needs the covariances of a first pass")
+            cov_in, cov_out = pca_covariances[name]
+            proj = pca_projection(name, cov_in, cov_out, rank_in, rank_out)
+        else:
+            raise InputError(f"unknown projection {kind!r}")
+        check_projection(proj)
+        out[name] = proj
+    return out
+
+
+def row_layout(modules: Sequence[tuple[str, nn.Module]], projections: dict[str, ModuleProjection], kind: str,
+               dense_dim: int) -> list[dict]:
+    """Module slices of a row, in module order (``dense``: one pseudo-module of ``dense_dim`` columns)."""
+    if kind == "dense":
+        return [{"name": "dense", "k_out": 1, "k_in": dense_dim, "offset": 0, "size": dense_dim, "layout": "out_in"}]
+    layout, offset = [], 0
+    for name, module in modules:
+        p = projections[name]
+        size = p.k_out * p.k_in
+        layout.append({"name": name, "k_out": p.k_out, "k_in": p.k_in, "offset": offset, "size": size,
+                       "layout": "out_in", "weight_layout": weight_layout(module), "d_in": p.d_in, "d_out": p.d_out})
+        offset += size
+    return layout
+
+
+def load_pca_covariances(path: Path, modules) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    return {n: (t[f"{n}.A"], t[f"{n}.S"]) for n, _ in modules}
+
+
+def store_projections(store, model: nn.Module):
+    """``(modules, projections)`` that reproduce ``store``'s layout on ``model``; the digest is checked."""
+
+    proj = store.manifest["projection"]
+    kind = proj["kind"]
+    if kind == "dense":
+        raise InputError(f"store {store.path}: a dense store's query rows need dw.query_gradients, not a task")
+    modules = resolve_modules(model, [m.name for m in store.modules])
+    pca = load_pca_covariances(store.path / PCA_FILE, modules) if kind == "pca" else None
+    projections = build_projections(modules, kind, proj["rank_in"], proj["rank_out"], proj["seed"], pca)
+    if projection_digest([projections[n] for n, _ in modules]) != proj.get("digest"):
+        raise InputError(f"store {store.path}: regenerated projection differs from the stored digest "
+                         "(different model or torch version?)")
+    return modules, projections
+
+
+def projection_to(p: ModuleProjection, device: torch.device) -> ModuleProjection:
+    move = (lambda m: None if m is None else m.to(device))
+    return ModuleProjection(p.name, p.d_in, p.d_out, move(p.p_in), move(p.p_out))

