@@ -360,16 +360,16 @@ def test_autocast_bf16_keeps_projections_float32_and_rows_close(tiny_tokenizer):
     projs = build_projections(chosen, "random", 4, 4, 0)
     with Extractor(model, chosen, projs, torch.device("cpu"), kind="random") as ex:
         exact, _, _ = encoded_rows_for(ex, rows, 0, 4, None)
-    with Extractor(model, chosen, projs, torch.device("cpu"), kind="random", autocast="bf16") as ex:
+    with Extractor(model, chosen, projs, torch.device("cpu"), kind="random", autocast="bf16",
+                   keep_tokens=True) as ex:
         approx, _, _ = encoded_rows_for(ex, rows, 0, 4, None)
-        ex.hooks.keep_tokens = True
         ex.run(collate(rows[:1], [0], 0))
-        cap = ex.hooks.captures[chosen[0][0]]
-        assert cap.token_acts.dtype == torch.float32 and cap.token_grads.dtype == torch.float32
+        name = chosen[0][0]
+        assert ex.last.token_acts[name].dtype == torch.float32 and ex.last.token_grads[name].dtype == torch.float32
     assert approx.dtype == np.float32
     rel = np.linalg.norm(approx - exact) / np.linalg.norm(exact)
     assert 0 < rel < 0.05  # bf16 forward: close to, not equal to, the float32 rows
-    assert all(not m._forward_hooks for _, m in chosen)  # capture hooks and guards removed on close
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for _, m in chosen)  # all removed on close
 
 
 def test_background_shard_writer_gives_the_same_store_bytes(world, reference, tmp_path):

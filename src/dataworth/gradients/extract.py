@@ -48,8 +48,9 @@ from dataworth.distributed import (
 )
 from dataworth.errors import InputError
 from dataworth.gradients.hooks import (
+    Capture,
     GradientHooks,
-    enable_input_grads,
+    accumulate,
     float32_projection_guards,
     model_device,
 )
@@ -58,7 +59,7 @@ from dataworth.gradients.projection import (
     KINDS,
     ModuleProjection,
     build_projections,
-    dense_project,
+    dense_projector,
     identity_projection,
     load_pca_covariances,
     projection_digest,
@@ -155,10 +156,16 @@ class ExtractConfig:
 
 @dataclass
 class Extractor:
-    """A model with hooks attached: `rows(batch)` returns the batch's projected per-example gradients.
+    """A frozen model with the hook engine attached: `run(batch)` returns the batch's projected per-example
+    gradient rows and losses.
 
-    Weights are frozen for the duration (``requires_grad=False``) — only activation gradients are needed —
-    and restored by `close`.
+    Weights are frozen for the duration (``requires_grad=False``: only activation gradients are needed) and
+    restored by `close`. ``kind``: the projection kind (``dense``: the engine captures exact gradients, which
+    are then transformed by ``transform`` and projected to ``dense_dim`` with the seeded Gaussian).
+    ``loss``: ``sum`` (rows are gradients of each example's summed target loss, the store's rows) or
+    ``token_mean`` (divided by the example's target count, LESS's convention; losses likewise).
+    ``collect_covariance``: keep the running KFAC sums (`take_covariance`); ``covariance_only``: only those;
+    ``keep_tokens``: per-token ``a_t`` / ``s_t`` of the last batch (``last.token_acts`` / ``token_grads``).
     """
 
     model: nn.Module
@@ -172,29 +179,32 @@ class Extractor:
     collect_covariance: bool = False
     covariance_only: bool = False
     autocast: str = "none"
+    keep_tokens: bool = False
+    loss: str = "sum"
     hooks: GradientHooks = field(init=False)
+    last: Capture | None = field(init=False, default=None)
+    _sums: dict = field(init=False, default_factory=dict)
     _saved_requires_grad: dict = field(init=False, default_factory=dict)
-    _emb_handle: object = field(init=False, default=None)
     _guard_handles: list = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.projections = {n: projection_to(p, self.device) for n, p in self.projections.items()}
-        self.hooks = GradientHooks(self.modules, self.projections, collect_covariance=self.collect_covariance,
-                                   covariance_only=self.covariance_only).attach()
-        if AUTOCAST_DTYPES[self.autocast] is not None:
-            self._guard_handles = float32_projection_guards(self.modules, self.device.type)
+        if self.loss not in ("sum", "token_mean"):
+            raise ValueError(f"loss must be sum or token_mean, got {self.loss!r}")
         for n, p in self.model.named_parameters():
             self._saved_requires_grad[n] = p.requires_grad
             p.requires_grad_(False)
-        self._emb_handle = enable_input_grads(self.model)
+        projections = {n: projection_to(p, self.device) for n, p in self.projections.items()}
+        self.hooks = GradientHooks(self.model, self.modules, projections,
+                                   collect_covariance=self.collect_covariance, covariance_only=self.covariance_only,
+                                   keep_tokens=self.keep_tokens, check_finite=False)
+        if AUTOCAST_DTYPES[self.autocast] is not None:
+            self._guard_handles = float32_projection_guards(self.modules, self.device.type)
 
     def close(self) -> None:
-        self.hooks.detach()
+        self.hooks.close()
         for h in self._guard_handles:
             h.remove()
         self._guard_handles = []
-        if self._emb_handle is not None:
-            self._emb_handle.remove()
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._saved_requires_grad.get(n, True))
 
@@ -207,23 +217,39 @@ class Extractor:
     def run(self, batch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Forward + backward of the summed per-example loss; returns (rows [B, D] float32, losses [B])."""
         batch = batch.to(self.device)
-        self.hooks.set_mask(batch.attention_mask)
         dtype = AUTOCAST_DTYPES[self.autocast]
-        with torch.enable_grad():
+        # positions, not the rows' ids: the engine only needs distinct labels within the batch
+        with torch.enable_grad(), self.hooks.capture(range(len(batch)), attention_mask=batch.attention_mask) as cap:
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             # Loss and backward outside autocast (the usual recipe); the loss is float32 whatever the logits.
             losses = example_losses(logits.float(), batch)
-            # Sum (not mean) over examples: each example's δ is then exactly its own gradient.
+            # Sum (not mean) over examples: each example's δ is then exactly its own gradient (w_b = 1).
             losses.sum().backward()
+        self.last = cap
+        if self.collect_covariance:
+            for name, _ in self.modules:
+                accumulate(self._sums, f"{name}.A", cap.cov_in[name])
+                accumulate(self._sums, f"{name}.S", cap.cov_out[name])
+        losses = losses.detach()
         if self.covariance_only:
-            return None, losses.detach()
-        rows = self.hooks.take_rows()
+            return None, losses
+        rows = cap.rows
+        if self.loss == "token_mean":
+            targets = batch.loss_mask[:, 1:].sum(dim=1).clamp(min=1).to(rows.device, torch.float32)
+            rows = rows / targets[:, None]
+            losses = losses.double() / targets.double()
         if self.kind == "dense":
             if self.transform is not None:
                 rows = self.transform(rows)
-            rows = dense_project(rows, self.seed, self.dense_dim)
-        return rows.float(), losses.detach()
+            rows = dense_projector(rows.shape[1], self.dense_dim, self.seed)(rows)
+        return rows.float(), losses
+
+    def take_covariance(self) -> dict[str, torch.Tensor]:
+        """The KFAC sums ``Σ a aᵀ`` (``name.A``) and ``Σ s sᵀ`` (``name.S``) since the last call (float64, CPU)."""
+        out = {k: v.cpu() for k, v in self._sums.items()}
+        self._sums = {}
+        return out
 
 
 def encoded_rows_for(extractor: Extractor, encoded: Sequence[Encoded], pad_id: int, batch_size: int | None,
@@ -300,18 +326,6 @@ class HostCopier:
             yield (idx, *[None if h is None else h.numpy().copy() if self.pinned else h.numpy() for h in host])
 
 
-def covariance_sums(hooks: GradientHooks) -> dict[str, torch.Tensor]:
-    """Per-module ``Σ a aᵀ`` and ``Σ s sᵀ`` accumulated by the hooks (float64, on CPU), then reset."""
-    out = {}
-    for name, cap in hooks.captures.items():
-        if cap.cov_in is not None:
-            out[f"{name}.A"] = cap.cov_in.cpu()
-        if cap.cov_out is not None:
-            out[f"{name}.S"] = cap.cov_out.cpu()
-    hooks.reset_covariance()
-    return out
-
-
 def first_pass_covariances(model: nn.Module, modules, encoded, pad_id, device, batch_size, token_budget, *,
                            ctx: DistContext = SINGLE, shard_rows: int | None = None, autocast: str = "none"
                            ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, int]:
@@ -329,7 +343,7 @@ def first_pass_covariances(model: nn.Module, modules, encoded, pad_id, device, b
                    covariance_only=True, autocast=autocast) as ex:
         if mine:
             encoded_rows_for(ex, mine, pad_id, batch_size, token_budget)
-        sums = covariance_sums(ex.hooks)
+        sums = ex.take_covariance()
     for n, m in modules:  # a rank without rows contributes zeros
         d_in, d_out = layer_dims(m)
         sums.setdefault(f"{n}.A", torch.zeros(d_in, d_in, dtype=torch.float64))
@@ -518,7 +532,7 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
             for shard in range(writer.done_shards, n_shards):
                 part, rows, losses, tokens, bad = compute_shard(ex, encoded, shard, config, pad_id)
                 nonfinite.extend(bad)
-                cov = covariance_sums(ex.hooks) if config.projection != "dense" else None
+                cov = ex.take_covariance() if config.projection != "dense" else None
                 queue.submit(write, shard, [e.id for e in part], rows, losses, tokens, cov)
                 bar.update(task, advance=sum(len(e.input_ids) for e in part))
                 if stop_after_shards is not None and shard + 1 >= stop_after_shards:
@@ -632,7 +646,7 @@ def _extract_sharded(ctx: DistContext, plan: ExtractPlan, *, overwrite: bool, pr
                                     total=sum(len(e.input_ids) for i in mine for e in _shard_rows(encoded, i, config)))
                 for count, shard in enumerate(mine, start=1):
                     part, rows, losses, tokens, bad = compute_shard(ex, encoded, shard, config, plan.pad_id)
-                    cov = covariance_sums(ex.hooks) if config.projection != "dense" else None
+                    cov = ex.take_covariance() if config.projection != "dense" else None
                     queue.submit(write, shard, [e.id for e in part], rows, losses, tokens, cov, bad)
                     bar.update(task, advance=sum(len(e.input_ids) for e in part))
                     if stop_after_shards is not None and count >= stop_after_shards:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dataworth.errors import InputError
-from dataworth.gradients.modules import layer_dims, resolve_modules, weight_layout
+from dataworth.gradients.modules import layer_dims, select_modules, weight_layout
 from dataworth.store.format import PCA_FILE
 
 KINDS = ("random", "pca", "identity", "dense")
@@ -244,19 +244,23 @@ def load_pca_covariances(path: Path, modules) -> dict[str, tuple[torch.Tensor, t
     return {n: (t[f"{n}.A"], t[f"{n}.S"]) for n, _ in modules}
 
 
-def store_projections(store, model: nn.Module):
-    """``(modules, projections)`` that reproduce ``store``'s layout on ``model``; the digest is checked."""
-
-    proj = store.manifest["projection"]
+def store_projections(store, model: nn.Module) -> tuple[list[tuple[str, nn.Module]], dict[str, ModuleProjection]]:
+    """``(modules, projections)`` that reproduce ``store``'s rows on ``model``: the layers chosen by the spec the
+    store was made with (``config.modules``; for ``dense`` the layers whose gradients were flattened), and its
+    projection kind, ranks, seed (and PCA covariances). The regenerated projections must match the store's
+    digest, so query rows are in exactly the training rows' coordinates."""
+    proj, cfg = store.manifest["projection"], store.manifest["config"]
     kind = proj["kind"]
-    if kind == "dense":
-        raise InputError(f"store {store.path}: a dense store's query rows need dw.query_gradients, not a task")
-    modules = resolve_modules(model, [m.name for m in store.modules])
-    pca = load_pca_covariances(store.path / PCA_FILE, modules) if kind == "pca" else None
-    projections = build_projections(modules, kind, proj["rank_in"], proj["rank_out"], proj["seed"], pca)
-    if projection_digest([projections[n] for n, _ in modules]) != proj.get("digest"):
+    modules = select_modules(model, cfg["modules"])
+    names = [n for n, _ in modules]
+    stored = [m["name"] for m in cfg.get("module_info", [])]
+    if kind != "dense" and names != stored:
+        raise InputError(f"store {store.path}: modules {stored[:3]}... do not match the model's {names[:3]}...")
+    pca_cov = load_pca_covariances(Path(store.path) / PCA_FILE, modules) if kind == "pca" else None
+    projections = build_projections(modules, kind, proj["rank_in"], proj["rank_out"], proj["seed"], pca_cov)
+    if projection_digest([projections[n] for n in names]) != proj.get("digest"):
         raise InputError(f"store {store.path}: regenerated projection differs from the stored digest "
-                         "(different model or torch version?)")
+                         "(different torch version or model?)")
     return modules, projections
 
 

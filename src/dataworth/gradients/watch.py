@@ -72,7 +72,7 @@ from torch import nn
 from dataworth.errors import InputError
 from dataworth.gradients.hooks import (
     Capture,
-    ProjectedGradients,
+    GradientHooks,
     accumulate,
     check_reduction,
 )
@@ -202,7 +202,7 @@ class RowStaging:
 
 
 class GradientLogger:
-    """`ProjectedGradients` + `RowStaging` + KFAC statistics; made by `watch`, finished by `finalize`."""
+    """`GradientHooks` + `RowStaging` + KFAC statistics; made by `watch`, finished by `finalize`."""
 
     def __init__(self, model: nn.Module, config: WatchConfig, modules: Sequence[tuple[str, nn.Module]],
                  out: Path, replace: bool):
@@ -214,7 +214,7 @@ class GradientLogger:
         projections = build_projections(modules, config.projection, config.rank_in, config.rank_out, config.seed)
         self.layout = row_layout(modules, projections, config.projection, 0)
         self.digest = projection_digest([projections[n] for n, _ in modules])
-        self.hooks = ProjectedGradients(model, modules, projections, collect_covariance=True)
+        self.hooks = GradientHooks(model, modules, projections, collect_covariance=True)
         self.staging = RowStaging(Path(f"{out}.staging"), self.hooks.dim, config.shard_rows)
         self.cov_in: dict[str, torch.Tensor] = {}
         self.cov_out: dict[str, torch.Tensor] = {}
@@ -255,13 +255,13 @@ class GradientLogger:
         return cap
 
     def _keep(self, cap: Capture) -> None:
-        self.staging.append(cap.ids, cap.rows.numpy(), cap.losses, cap.tokens)
+        self.staging.append(cap.ids, cap.rows.cpu().numpy(), cap.losses, cap.tokens())
         for name in self.modules:
-            accumulate(self.cov_in, name, cap._cov_in[name])
-            accumulate(self.cov_out, name, cap._cov_out[name])
-            self.n_tokens[name] = self.n_tokens.get(name, 0.0) + cap._n_tokens[name]
+            accumulate(self.cov_in, name, cap.cov_in[name])
+            accumulate(self.cov_out, name, cap.cov_out[name])
+            self.n_tokens[name] = self.n_tokens.get(name, 0.0) + cap.n_tokens[name]
         self.captured += len(cap.ids)
-        if cap._recorded:
+        if cap.recorded:
             self.measured_captures += 1
         else:
             self.declared_captures += 1
@@ -278,9 +278,9 @@ class GradientLogger:
         model passes its fingerprint check); False skips hashing the weights (huge models).
         """
 
-        if not self.hooks._handles:
+        if self.hooks.closed:
             raise InputError("finalize: the logger is already finalized or closed")
-        if self.hooks._active is not None:
+        if self.hooks.active is not None:
             raise InputError("finalize: a capture is still open")
         if not self.staging.order:
             raise InputError("finalize: nothing was captured; wrap a forward/backward in logger.capture(ids)")

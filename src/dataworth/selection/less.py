@@ -60,9 +60,9 @@ from dataworth.data.batching import collate, example_losses, plan_batches
 from dataworth.data.encode import data_fingerprint, encode_rows
 from dataworth.data.rows import load_rows
 from dataworth.errors import InputError
-from dataworth.gradients.extract import Extractor
+from dataworth.gradients.extract import Extractor, encoded_rows_for
 from dataworth.gradients.modules import select_modules
-from dataworth.gradients.projection import build_projections, dense_projector
+from dataworth.gradients.projection import build_projections
 from dataworth.model.generate import generate_token_ids
 from dataworth.model.load import load_model
 from dataworth.model.optimizer import (
@@ -79,6 +79,7 @@ from dataworth.store.reader import open_store
 from dataworth.store.writer import StoreWriter
 from dataworth.util import (
     atomic_write,
+    pad_token_id,
     progress_bar,
     say,
     torch_threads,
@@ -354,9 +355,9 @@ def gradient_features(model: torch.nn.Module, tokenizer, encoded: Sequence, out:
     example n, the LESS convention), ``T`` = ``transform`` (e.g. `adam_update`) or identity, ``P`` the
     seeded ``dense`` Gaussian projection (``D_full → dense_dim``, entries N(0, 1/k)). Resumable per shard;
     a complete store with the same header is returned as is; one with another header is an error unless
-    ``overwrite``.
+    ``overwrite``. The rows come from the same hook engine and batch loop as `dw.extract`'s ``dense``
+    projection (`Extractor` with ``loss="token_mean"``).
     """
-
     modules = lora_modules(model)
     d_full = sum(m.weight.numel() for _, m in modules)
     device = next(model.parameters()).device
@@ -373,30 +374,19 @@ def gradient_features(model: torch.nn.Module, tokenizer, encoded: Sequence, out:
                          overwrite=overwrite)
     if writer.complete:
         return open_store(out)
-    project = dense_projector(d_full, dense_dim, seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     projections = build_projections(modules, "identity", 0, 0, seed)
     n = len(encoded)
     bar = progress_bar(n - writer.done_rows, Path(out).name, enabled=progress)
-    with Extractor(model, modules, projections, device, kind="identity") as extractor:
+    with Extractor(model, modules, projections, device, kind="dense", dense_dim=dense_dim, seed=seed,
+                   transform=transform, loss="token_mean") as extractor:
         for shard in range(writer.done_shards, math.ceil(n / shard_rows)):
             part = list(encoded[shard * shard_rows:(shard + 1) * shard_rows])
-            rows = np.zeros((len(part), dense_dim), dtype=np.float32)
-            losses = np.zeros(len(part))
-            for index in plan_batches([len(e.input_ids) for e in part], batch_size=batch_size):
-                batch = collate([part[i] for i in index], index, pad_id)
-                summed, loss = extractor.run(batch)
-                targets = batch.loss_mask[:, 1:].sum(dim=1).clamp(min=1).to(summed.device, torch.float32)
-                grads = summed / targets[:, None]
-                if transform is not None:
-                    grads = transform(grads)
-                rows[index] = project(grads).cpu().numpy()
-                losses[index] = (loss.double().cpu() / targets.double().cpu()).numpy()
-                bar.update(len(index))
+            rows, losses, tokens = encoded_rows_for(extractor, part, pad_token_id(tokenizer), batch_size, None)
             if not np.isfinite(rows).all():
                 bad = [part[i].id for i in np.flatnonzero(~np.isfinite(rows).all(axis=1))[:5]]
                 raise InputError(f"{out}: non-finite gradient features for rows {', '.join(bad)}")
-            writer.write_shard(shard, rows, [e.id for e in part], losses, [e.n_targets for e in part])
+            writer.write_shard(shard, rows, [e.id for e in part], losses, tokens)
+            bar.update(len(part))
     bar.close()
     writer.finalize()
     return open_store(out)
