@@ -24,23 +24,20 @@ Multi-node runs need the store directory on a filesystem every rank sees (shards
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
-    import torch
-
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from dataworth.errors import InputError
 from dataworth.util import first_difference, short
 
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
+    import torch
 
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # How long a rank waits in a collective for the others (a dead rank under torchrun is noticed sooner:
 # the launcher stops the whole group).

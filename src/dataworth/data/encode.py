@@ -1,32 +1,10 @@
-"""Rows in, token ids with loss masks out: the one door every stage reads data through.
+"""Encoding: validated rows in, token ids with loss masks out (`encode_rows`).
 
 Why a module of its own: attribution is only as trustworthy as the answer to "which tokens did the loss
-measure?". Training, extraction, scoring and generation must agree on it *to the token*, so the parsing,
-validation, chat formatting, loss-mask construction and truncation live here once.
-
-Pipeline: ``load_rows(spec)`` → ``list[Row]`` (parsed, validated, stable ids) → ``encode_rows(rows, tok)``
-→ ``list[Encoded]`` (``dataworth.batching``: ids + loss mask) → ``batches(...)`` → padded ``Batch``.
-
-Row kinds (checked in this order; the first that applies wins):
-
-==================  =========================================================  ==============================
-kind                fields                                                     loss measures
-==================  =========================================================  ==============================
-``messages``        ``messages``: list of ``{role, content}``, roles           assistant content + its
-                    system/user/assistant, ≥ 1 assistant turn with content      end-of-turn token
-``prompt_response`` ``prompt`` + ``response`` (strings). Aliases: response may  response tokens + eos /
-                    be ``completion`` or ``output``; prompt may be             end-of-turn token
-                    ``instruction`` (+ optional ``input``, joined as
-                    ``instruction + "\n\n" + input``, the Alpaca convention)
-``text``            ``text`` (string)                                          every token after position 0
-==================  =========================================================  ==============================
-
-Every other field (``id``, ``source``, ``task``, ``dataset``, …) is kept in ``Row.data`` untouched.
-A row's id is its ``id`` field (string or integer, stringified) or else its 0-based index among all rows
-of the spec (bad rows included, so ids do not shift when ``skip_bad`` drops some).
-``Row.source`` is ``path:line`` for files (line = 1-based line of a JSONL row or of the start of a JSON
-array item; for parquet, the 1-based row number), ``hf:NAME:SPLIT#i`` or ``builtin:NAME:SPLIT#i``
-(0-based) otherwise.
+measure?". Training, extraction, scoring and generation must agree on it *to the token*, so chat
+formatting, loss-mask construction, the end token and truncation live here once; the formats are in
+`encode_rows`'s docstring. `without_end_token` and `measured_queries` choose what a *query* measures (its
+answer, or its answer and the end token that encoding appends).
 """
 
 from __future__ import annotations

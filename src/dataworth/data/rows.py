@@ -1,11 +1,7 @@
-"""Rows in, token ids with loss masks out: the one door every stage reads data through.
+"""Rows: a data spec in, validated rows with stable ids and exact sources out (`load_rows`).
 
-Why a module of its own: attribution is only as trustworthy as the answer to "which tokens did the loss
-measure?". Training, extraction, scoring and generation must agree on it *to the token*, so the parsing,
-validation, chat formatting, loss-mask construction and truncation live here once.
-
-Pipeline: ``load_rows(spec)`` → ``list[Row]`` (parsed, validated, stable ids) → ``encode_rows(rows, tok)``
-→ ``list[Encoded]`` (``dataworth.batching``: ids + loss mask) → ``batches(...)`` → padded ``Batch``.
+Why a module of its own: every later number is credited to a row by its id, so ids must be stable and every
+bad row must be reported where it is (``path:line``), never dropped silently.
 
 Row kinds (checked in this order; the first that applies wins):
 
@@ -17,7 +13,7 @@ kind                fields                                                     l
 ``prompt_response`` ``prompt`` + ``response`` (strings). Aliases: response may  response tokens + eos /
                     be ``completion`` or ``output``; prompt may be             end-of-turn token
                     ``instruction`` (+ optional ``input``, joined as
-                    ``instruction + "\n\n" + input``, the Alpaca convention)
+                    ``instruction + "\\n\\n" + input``, the Alpaca convention)
 ``text``            ``text`` (string)                                          every token after position 0
 ==================  =========================================================  ==============================
 
@@ -45,20 +41,10 @@ from dataworth.data.worlds import builtin_rows
 from dataworth.errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
-
-
 Kind = Literal["text", "prompt_response", "messages"]
-
-
 ROLES = ("system", "user", "assistant")
-
-
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
-
-
 PROMPT_KEYS = ("prompt", "instruction")
-
-
 RESPONSE_KEYS = ("response", "completion", "output")
 
 
@@ -245,8 +231,6 @@ def _read_jsonl(path: Path, shown: str) -> Iterator[_Record]:
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
 _DECODER = json.JSONDecoder()
 
 

@@ -1,8 +1,7 @@
-"""Pure evaluation metrics over score arrays (fact tracing), with their shape contracts.
+"""Reference attributions that need no gradients: what a gradient method must beat (or explain losing to).
 
-Why pure functions: a metric must be checkable on a hand-computed case; retraining, caching and I/O live
-elsewhere and call these. Conventions (as in EleutherAI/bergson's recall evaluation): ranks are 1-based;
-ties are broken by row order (the earlier training row ranks higher); a higher score ranks higher.
+BM25 (Robertson & Zaragoza 2009) over the training documents, with the query's prompt and response as the
+search text: an oracle for "which documents state this fact" when gold documents share the query's words.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
-"""The whole pipeline on the built-in world: train → generate → extract → fit → score → report.
+"""Fact tracing: attribution judged against gold documents (the documents that state each fact).
 
-Why: a newcomer should see, in one command on a laptop CPU, the answer dataworth gives (which training
-documents made the model say this) *and* evidence that it is right: on `builtin:bios` every fact query has
-gold documents (those stating the fact), so attribution is scored by recall@k / MRR against a BM25 baseline.
-Recall measures *attribution* (are the documents stating the fact found?); the ``tail-patch@10`` column
-measures *influence* (does one more training step on a retrieved document raise log p(answer)?), for every
-method including BM25 (Chang et al. 2024, §4).
-
-Each step is skipped when its output already exists (the demo resumes), so re-running is cheap.
+Recall@k / MRR measure *attribution* (are the stating documents found? 1-based ranks, ties by row order);
+``tail-patch@10`` measures *influence* (does one more step on a retrieved document raise log p(answer)?,
+`dataworth.evaluation.effects`), for every method including BM25. `fact_tracing_table` is the table of
+``dataworth demo`` and ``dataworth eval facts`` (`eval_facts`).
 """
 
 from __future__ import annotations
@@ -46,8 +42,6 @@ def gold_positions(queries, train_ids: list[str]) -> list[list[int]]:
 
 
 TAIL_PATCH_K = 10
-
-
 TAIL_PATCH = f"tail-patch@{TAIL_PATCH_K}"
 
 

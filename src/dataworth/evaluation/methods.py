@@ -1,48 +1,9 @@
-"""Retraining on subsets of the training data, with an on-disk resumable cache: the ground truth of evaluation.
+"""dataworth's attribution options for a retrain task: one row of an LDS table each (`AttributionConfig`).
 
-Why a module of its own: the Linear Datamodeling Score (LDS, Park et al. 2023, "TRAK", §2.2), leave-k-out
-and brittleness tests (Ilyas et al. 2022; Bae et al. 2024) all judge an attribution method against what
-*really* happens to a query's loss when the model is retrained without some documents. Retraining is by far
-the most expensive part of evaluation, so every retrain is cached on disk, one file per retrain, and a killed
-run resumes. Several benchmarks (``benchmarks/lds.py``, ``benchmarks/peers.py``) score different attribution
-methods against the *same* retrains by calling `build_lds_task` with the same `LdsConfig`.
-
-The task (``build_lds_task(out_dir, LdsConfig(...)) -> LdsTask``)::
-
-    out_dir/cache.json                 the configuration (see `LdsConfig.identity`); another one is refused
-    out_dir/model/                     the full-data model (``dataworth.train``): the model being attributed,
-                                       with ``checkpoints/epoch-N/`` for ``LdsConfig.checkpoints`` epochs
-    out_dir/retrains/subset-MMM-rR.json  one LDS retrain: subset M, replicate (seed) R
-    out_dir/retrains/removal-<sha>-rR.json  one removal retrain (leave-k-out / brittleness), keyed by the
-                                       removed set; ``full-rR.json`` is the all-rows reference retrain
-
-Public API: ``LdsConfig``, ``build_lds_task(out, config) -> LdsTask`` (``load_lds_task`` never trains),
-``LdsTask.evaluate(scores [Q, N]) -> dict`` (``evaluate.lds_summary``), ``removal_losses`` / ``full_losses`` /
-``removal_test`` (leave-k-out, brittleness), ``AttributionConfig`` + ``attribution_scores(task, method)``
-(dataworth's own scores for the task), ``one_step_effects`` (the ``[Q, N]`` effect of one more training
-step on each row: the ground truth of the tail-patch metric, ``evaluate.tail_patch``), and ``eval_lds`` /
-``eval_brittleness`` / ``eval_facts`` (the CLI).
-
-A retrain file (written atomically when that retrain is done)::
-
-    {"name": "subset-003-r0", "seed": 1234, "included": ["doc-001", ...],  # ids of the training rows used
-     "losses": [12.3, ...],           # per query (cache.json "query_ids" order): summed response loss
-     "train_loss": 0.41, "seconds": 9.8}
-
-Retrains: subset ``m`` holds exactly ``round(α·N)`` rows drawn without replacement with a generator seeded by
-``(seed, m)``; replicate ``r`` of subset ``m`` trains from scratch with its own seed (init + shuffle), so the
-replicates of a subset differ only by training noise — that is what the noise ceiling measures. The loop is
-``dataworth.train``'s (same model builder, AdamW, schedule, clipping, seeded shuffle) on the full-data
-model's tokenizer; with every row and the base seed it reproduces ``dataworth.train`` bit for bit (tested).
-Models are not kept: only the per-query losses.
-
-The query measurement is ``batching.example_losses``, the loss summed over the query's target tokens, with
-``LdsConfig.measure`` choosing which: ``answer`` (default) — the response tokens only, the same measurement
-``extract.query_gradients`` attributes by default — or ``answer+end`` — the response *and* the end token that
-``data.encode_rows`` appends (what caches made before ``measure`` existed hold; they open as ``answer+end``).
-``AttributionConfig.measure_end_token`` chooses what the *attribution* measures, so the two can be crossed.
-Sign convention shared with ``dataworth.scoring``: a positive score means the training row *lowers* the query
-loss, so the LDS correlates summed scores with the *negated* loss (``dataworth.evaluate.lds``).
+Stores are extracted once per (checkpoint, projection, rank, modules) under the task directory and reused;
+options add curvature, score mode, checkpoint ensembles (TRAK's model ensemble / TracIn's checkpoint sum,
+equal weights) and TrackStar (Chang et al. 2024, §3: Adam ``√v̂`` normalisation, dense projection, a damped
+train/query second-moment whitening, unit norm).
 """
 
 from __future__ import annotations
@@ -62,7 +23,10 @@ from dataworth.gradients.queries import query_gradients
 from dataworth.influence.curvature import check_kind, fit_curvature
 from dataworth.influence.scores import check_mode, score_rows
 from dataworth.model.load import load_model
-from dataworth.model.optimizer import final_optimizer_dir, load_optimizer_state
+from dataworth.model.optimizer import (
+    final_optimizer_dir,
+    second_moment_estimates,
+)
 
 
 @dataclass(frozen=True)
@@ -178,18 +142,16 @@ def _scores_at(task: LdsTask, model_dir: Path, method: AttributionConfig, progre
     return np.asarray(result.matrix, dtype=np.float64)
 
 
-def adam_normalise(rows: np.ndarray, store, states: dict, eps: float) -> np.ndarray:
+def adam_normalise(rows: np.ndarray, store, second_moments: dict[str, np.ndarray], eps: float) -> np.ndarray:
     """Divide each module's exact gradient columns ``[*, D]`` by ``√v̂ + eps`` of that module's weight
-    (TrackStar's optimizer normalisation), ``v̂ = exp_avg_sq / (1 − β₂ᵗ)`` the bias-corrected Adam second
-    moment (``states[name]["_bias2"]`` holds ``1 − β₂ᵗ``)."""
+    (TrackStar's optimizer normalisation; ``second_moments``: `model.optimizer.second_moment_estimates`)."""
     out = np.array(rows, dtype=np.float32, copy=True)
     layouts = {m["name"]: m for m in store.manifest["config"]["module_info"]}
     for spec in store.modules:
         name = f"{spec.name}.weight"
-        if name not in states:
+        if name not in second_moments:
             raise InputError(f"optimizer state has no entry for {name} (checkpoint from another model?)")
-        v = states[name]["exp_avg_sq"].numpy().astype(np.float64)
-        v = v / states[name]["_bias2"]
+        v = second_moments[name]
         if layouts[spec.name].get("weight_layout", "out_in") != "out_in":
             v = v.T  # Conv1D stores in × out; store rows are out × in
         denom = (np.sqrt(v) + eps).reshape(-1).astype(np.float32)
@@ -202,16 +164,12 @@ def adam_normalise(rows: np.ndarray, store, states: dict, eps: float) -> np.ndar
 def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: AttributionConfig) -> np.ndarray:
     """TrackStar scores ``[Q, N]``: cos(R^{-1/2} P ĝ_q, R^{-1/2} P ĝ_n) with ĝ Adam-normalised exact gradients,
     P a seeded Gaussian ``D → rank`` projection, ``R`` the damped train/query second-moment mixture."""
-
     source = final_optimizer_dir(model_dir)
     if source is None:
         raise InputError(f"{model_dir}: no optimizer state (checkpoints/epoch-N/optimizer.safetensors) for TrackStar")
-    states, meta = load_optimizer_state(source)
-    beta2 = float(meta["betas"][1])
-    for name, st in states.items():
-        st["_bias2"] = 1.0 - beta2 ** int(meta["step"][name])
-    train = adam_normalise(store.matrix(), store, states, float(meta["eps"]))
-    query = adam_normalise(query_rows, store, states, float(meta["eps"]))
+    second_moments, eps = second_moment_estimates(source)
+    train = adam_normalise(store.matrix(), store, second_moments, eps)
+    query = adam_normalise(query_rows, store, second_moments, eps)
     if method.rank == 0:  # no projection and R = I: the cosine of the Adam-normalised exact gradients
         return _unit(query.astype(np.float64)) @ _unit(train.astype(np.float64)).T
     both = torch.from_numpy(np.concatenate([train, query]))

@@ -75,6 +75,7 @@ from dataworth.model.train import (
 )
 from dataworth.util import (
     first_difference,
+    pad_token_id,
     resolve_device,
     say,
     short,
@@ -82,15 +83,11 @@ from dataworth.util import (
 )
 
 CACHE_FORMAT = "dataworth-retrain-cache"
-
-
 CACHE_VERSION = 1
-
 
 # Below 8 subsets a per-query Spearman correlation is noise: under the null its standard deviation is
 # 1/sqrt(M-1) ≥ 0.38, so even a perfect method could not be told from chance on one query.
 MIN_SUBSETS = 8
-
 
 # TrainConfig fields that do not change the trained weights (not part of the cache identity).
 _RUNTIME_TRAIN_FIELDS = ("threads", "save_every_epoch")
@@ -315,7 +312,7 @@ def train_on_rows(encoded: Sequence[Any], tokenizer: Any, config: Any, seed: int
     try:
         torch.manual_seed(seed)
         model = build_model(config, tokenizer).to(device)
-        _optimizer, epochs = train_epochs(model, encoded, tokenizer.pad_token_id, config, device)
+        _optimizer, epochs = train_epochs(model, encoded, pad_token_id(tokenizer), config, device)
         return model, epochs[-1]["loss"] if epochs else float("nan")
     finally:
         torch.set_num_threads(before)
@@ -336,7 +333,7 @@ class _Context:
 
     def retrain(self, included: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
         model, train_loss = train_on_rows([self.encoded[i] for i in included], self.tokenizer, self.config.train, seed)
-        return query_losses(model, self.encoded_queries, self.tokenizer.pad_token_id), train_loss
+        return query_losses(model, self.encoded_queries, pad_token_id(self.tokenizer)), train_loss
 
 
 def _context(config: LdsConfig, model_dir: Path) -> _Context:
@@ -454,7 +451,7 @@ def _base_losses(out: Path, model_dir: Path, context: _Context | None, trainer: 
     if context is not None:
 
         loaded = load_model(str(model_dir), device=context.config.train.device)
-        values = query_losses(loaded.model, context.encoded_queries, context.tokenizer.pad_token_id)
+        values = query_losses(loaded.model, context.encoded_queries, pad_token_id(context.tokenizer))
     else:
         values = np.asarray(trainer(np.arange(n_rows), 0)[0], dtype=np.float64)
     write_json_atomic(path, {"losses": values.tolist()}, indent=1, sort_keys=False)

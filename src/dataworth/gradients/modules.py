@@ -1,18 +1,8 @@
-"""Forward/backward hooks that capture LoGra-projected per-example gradients of linear layers.
+"""Which layers are watched: module selection by group, regular expression or explicit names.
 
-For a watched layer ``y_t = W x_t`` (``nn.Linear``, or Hugging Face ``Conv1D`` with ``y = x W``), the
-forward hook keeps ``a_t = P_in x_t`` and a tensor hook on the output keeps ``s_t = P_out δ_t`` with
-``δ_t = ∂L/∂y_t``; the per-example projected gradient is the batched product
-
-    Ĝ_b = Σ_t s_{b,t} a_{b,t}ᵀ          (k_out × k_in, one per example b)
-
-(LoGra, Choe et al. 2024, eq. 3). With a loss that is a *sum* of per-example losses, ``δ_{b,t}`` only
-depends on example b, so Ĝ_b is that example's own gradient whatever else is in the batch. Padding tokens
-have δ = 0 exactly (right padding, causal attention, zero loss mask); their activations are zeroed too.
-
-Model weights never need ``.grad``: `watch` makes the input embeddings' output require grad so the
-backward pass computes activation gradients only, which is why extraction can be cheaper than a training
-step.
+Only ``nn.Linear`` and Hugging Face ``Conv1D`` are supported: their per-example gradient factorises as
+``G = Σ_t δ_t x_tᵀ``, which LoGra projects without forming it. The output head is left out of ``all`` (it is
+as large as the vocabulary; LoGra and LogIX skip it too); name it in a regex to watch it.
 """
 
 from __future__ import annotations

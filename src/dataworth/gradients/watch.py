@@ -1,50 +1,23 @@
-"""Logging API for custom training loops: watch a model, capture batches with their ids, finalize a store.
+"""`dw.watch`: per-example projected gradients from a user's own training loop, written as a normal store.
 
-Why a module of its own: `dataworth.extract` runs its *own* forward/backward over a dataset with frozen
-weights. A user with their own training loop (gradient accumulation, mixed precision, any optimizer) wants
-the per-example projected gradients of the batches they already run, taken from *their* backward of *their*
-loss, without disturbing training. ::
+Why a module of its own: `dataworth.gradients.extract` runs its *own* forward/backward over a dataset with
+frozen weights. A user with their own training loop (gradient accumulation, mixed precision, any optimizer)
+wants the rows of the batches they already run, taken from *their* backward of *their* loss, without
+disturbing training. ::
 
     logger = dw.watch(model, modules="mlp", projection="random", rank=16, seed=0, out="store", dtype="float32")
     for batch in loader:
         with logger.capture(batch.ids, attention_mask=batch.attention_mask) as cap:
             losses = per_example_losses(model(batch), batch)   # [B], each summed over its tokens
-            loss = cap.record(losses).mean()                    # any reduction: measured, see below
+            loss = cap.record(losses).mean()                    # any reduction: measured, see hooks
             loss.backward()
         optimizer.step(); optimizer.zero_grad()
     store = logger.finalize()                                   # a normal store: dw.fit / dw.score / score_rows
 
-What is captured (LoGra, Choe et al. 2024, eq. 3). For a watched linear layer ``y = W x`` the forward hook
-keeps ``a_t = P_in x_t`` and a tensor hook on ``y`` keeps ``s_t = P_out δ_t`` with ``δ_t = ∂L/∂y_t`` for the
-``L`` the user backpropagates; the row of example ``b`` is ``Ĝ_b = Σ_t s_{b,t} a_{b,t}ᵀ`` (``k_out × k_in``
-per module, concatenated row-major in module order — the store contract). Hooks only *read* tensors and
-return nothing, so the parameter ``.grad`` the optimizer sees is bit-identical with and without the logger.
-
-Loss reduction (the classic per-example-gradient bug). If ``L = Σ_b w_b ℓ_b`` then ``δ_b = w_b ∂ℓ_b/∂y_b``:
-a batch mean scales every row by ``w_b = 1/B``, gradient accumulation by a further ``1/k``, an AMP loss scaler
-by its scale. The rows the store needs are ``∇ℓ_b`` (``w_b = 1``), so the logger divides ``s_{b,t}`` by
-``w_b``. ``w_b`` is found in one of two ways:
-
-- *measured* (exact, preferred): ``cap.record(losses)`` registers a tensor hook on the per-example losses
-  ``[B]``; the gradient the backward pass delivers there is exactly ``w_b = ∂L/∂ℓ_b``, whatever the
-  reduction, scaling or per-example weighting. It fires before any module's hook (every watched output is
-  upstream of the losses). A recorded loss that receives no gradient, or an example with ``w_b = 0`` (its
-  gradient cannot be recovered), is an error.
-- *declared*: without ``record``, ``loss_reduction="sum"`` (default, ``w_b = 1``) or ``"mean"``
-  (``w_b = 1/B``), times ``loss_scale`` (e.g. ``1/accumulation_steps``). A wrong declaration cannot be
-  detected without the per-example losses, which is why ``record`` is recommended.
-
-Assumption (stated, not checkable): example ``b``'s loss depends on the layer outputs of example ``b`` only
-(no batch norm across examples) and ``L`` depends on the outputs only through the recorded losses.
-
-Inputs of a watched layer: ``[B, d]`` (one vector per example, e.g. an MLP) or ``[B, T, d]`` / ``[B, ..., d]``
-(tokens; the leading dimension must be the batch). ``attention_mask`` ``[B, T]`` zeroes padding activations
-and output gradients. A module called several times per forward (weight sharing) contributes the sum over
-its calls, which is its gradient.
-
-Gradient accumulation: each micro-batch is its own ``capture``; its rows are per-example gradients at the
-weights of that micro-batch's forward. An id captured twice is refused unless ``capture(..., overwrite=True)``,
-which keeps the latest rows at the position of the id's first capture.
+The capture itself (what a row is, how the loss weights ``w_b`` are measured or declared) is the hook
+engine's, `dataworth.gradients.hooks`. Gradient accumulation: each micro-batch is its own ``capture``; its
+rows are per-example gradients at the weights of that micro-batch's forward. An id captured twice is refused
+unless ``capture(..., overwrite=True)``, which keeps the latest rows at the position of the id's first capture.
 
 Storage: rows are staged as float32 ``.npy`` parts in ``OUT.staging/`` as they fill (``shard_rows`` rows each,
 tmp file + ``os.replace``); ``finalize`` writes them into the store at ``OUT`` through `StoreWriter` (shards in
@@ -87,8 +60,6 @@ from dataworth.store.format import KFAC_FILE, STORE_DTYPES, ModuleSpec
 from dataworth.store.writer import StoreWriter
 
 LOGGER_PROJECTIONS = ("random", "identity")
-
-
 STAGING_MARKER = "dataworth-staging.json"
 
 

@@ -68,24 +68,14 @@ from dataworth.store.reader import PREFETCH_OVERHEAD_BYTES, open_store
 
 CURVATURE_KINDS = ("none", "raw", "kfac", "ekfac")
 
-
 # EKFAC by default: it scales to any module size (raw needs D_m² floats per module) and is the better fit.
 DEFAULT_CURVATURE = "ekfac"
-
-
 CURVATURE_FORMAT_VERSION = 1
-
-
 AUTO_DAMPING_FRACTION = 0.1
-
-
 ZERO_CURVATURE_DAMPING = 1.0
-
 
 # A raw Fisher block is D_m × D_m float64: 8192² × 8 B = 512 MiB. Beyond that use kfac/ekfac.
 RAW_MAX_MODULE_SIZE = 8192
-
-
 DEFAULT_BLOCK_ROWS = 1024
 
 

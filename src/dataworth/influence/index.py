@@ -30,11 +30,7 @@ from dataworth.influence.scores import score_rows
 from dataworth.store.reader import open_store
 
 INDEX_FILE = "index/faiss.index"
-
-
 INDEX_META = "index/faiss.json"
-
-
 DEFAULT_BLOCK_ROWS = 65536
 
 

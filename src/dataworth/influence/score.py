@@ -1,29 +1,10 @@
-"""Influence scores of every store row on every query: blocked streaming product, exact top-k, optional full matrix.
+"""`dw.score`: from a store, a model and queries to influence scores (and the store-less streaming variant).
 
-Why a module of its own: a store may hold millions of rows, so scoring must stream it in blocks with memory
-that does not grow with the store, while still returning exact results (top-k with defined tie-breaking, and
-the full ``Q × N`` matrix written block by block when asked).
-
-The score (LoGra, Choe et al. 2024, "What is Your Data Worth to GPT?", eq. 2; Koh & Liang 2017) of training
-row ``n`` for query ``q``::
-
-    s(q, n) = ĝ_qᵀ (F + λI)⁻¹ ĝ_n            ĝ: projected gradient rows [D], F: fitted curvature
-
-SIGN CONVENTION (used everywhere in dataworth): ``s(q, n) > 0`` means up-weighting training example ``n``
-*lowers* the query's loss — ``n`` helps ``q``. The number approximates the first-order change
-``−dL_q/dε_n`` of the query loss (summed over its target tokens) when example ``n``'s loss (summed over its
-tokens) is up-weighted by ``ε`` in the training objective (up to the objective's positive normalisation,
-e.g. ``1/N`` for a mean over examples). ``s(q, n) < 0``: ``n`` hurts ``q`` (opposes it).
-
-Modes:
-- ``dot``      ``s(q, n)`` as above.
-- ``cosine``   ``cos(p_q, ĝ_n) = s(q, n) / (‖p_q‖ ‖ĝ_n‖)`` with ``p_q = (F + λI)⁻¹ ĝ_q`` the *preconditioned*
-               query and ``ĝ_n`` the raw training row; lies in ``[-1, 1]``; ``0`` where a norm is 0.
-- ``relative`` ``s(q, n) / s(n, n)`` with ``s(n, n) = ĝ_nᵀ (F + λI)⁻¹ ĝ_n`` the self-influence of ``n``
-               (RelatIF, Barshan et al. 2020); ``0`` where ``s(n, n) = 0`` (a zero gradient row).
-
-Top-k: for each query the ``K`` most positive and the ``K`` most negative rows, ties broken by row order
-(lower store row first), ranks 1-based; exact (a streaming merge, not an approximation).
+The model is loaded and checked against the store's fingerprint, query rows are computed in the store's
+coordinates (`dataworth.gradients.queries`; distributed: split over ranks) and handed to
+`dataworth.influence.scores.score_rows`. With a `Task`, any model's ``compute_measurement`` is attributed
+(`score_with_task`). `score_stream` scores training rows batch by batch without writing a store (curvature
+``none`` only). Sign convention and modes: `dataworth.influence.scores`.
 """
 
 from __future__ import annotations
@@ -203,11 +184,7 @@ def load_store_model(store, model, device: str):
 
 
 STREAM_PROJECTIONS = ("random", "identity")
-
-
 STREAM_MODES = ("dot", "cosine")
-
-
 STREAM_FULL_LIMIT_BYTES = 1 << 30  # full=True holds the [Q, N] float32 matrix in memory: at most 1 GiB
 
 

@@ -56,22 +56,11 @@ from dataworth.store.reader import PREFETCH_OVERHEAD_BYTES
 from dataworth.util import atomic_write
 
 SCORE_MODES = ("dot", "cosine", "relative")
-
-
 DIRECTIONS = ("positive", "negative")
-
-
 SCORES_FORMAT = "dataworth-scores"
-
-
 SCORES_VERSION = 1
-
-
 DEFAULT_BLOCK_ROWS = 4096
-
-
 TOPK_COLUMNS = ["query_id", "direction", "rank", "train_id", "train_row", "score"]
-
 
 # Rows widened to float32 at a time when scoring a float16 / bfloat16 store: 256 × D floats (4 MiB at
 # D = 4096) stay in cache while they are multiplied, so the widened copy never travels to main memory and the

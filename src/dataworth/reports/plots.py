@@ -1,23 +1,6 @@
-"""Reports from a scores directory: ``report.md`` and one self-contained ``report.html`` (+ the plots as PNG).
+"""The report's figures (matplotlib, Agg): score distributions, curvature spectra, KFAC factors, self-influence.
 
-Why a module of its own: an influence score is only believed once a person has read the documents behind
-it. The report puts, for each query, its prompt and response next to the training documents that help it
-most and hurt it most, each document's text highlighted by *where* in it the influence comes from, and the
-data-value ledger (``dataworth.ledger``) that sums the same scores per document and per data source.
-
-Per-token highlighting is exact (DESIGN.md, "Per-token attribution"): with ``p_q = (F + λI)⁻¹ ĝ_q``,
-
-    s(q, n) = Σ_t c_t(q, n),   c_t(q, n) = Σ_m ⟨P_{q,m}, (P_out δ_t)(P_in x_t)ᵀ⟩     (``extract.token_contributions``)
-
-recomputed (one forward and backward pass) only for the documents shown. For ``cosine`` scores each
-``c_t`` is divided by ``‖p_q‖ ‖ĝ_n‖``, for ``relative`` by ``s(n, n)`` — the same denominators as the
-score — so a document's token contributions always add up to the score printed beside it (up to the
-store's storage precision: a float16 store rounds ``ĝ_n``, the recomputation does not).
-
-Safety: every string that comes from data (texts, ids, field values, file names) goes through
-``html.escape`` before it reaches the page; the page carries a Content-Security-Policy that allows only
-its own script (by hash), inline styles and ``data:`` images, so even a missed escape could not run code
-or fetch anything. No data reaches the script: search works on the page's text.
+Each function returns PNG bytes without timestamps or software metadata, so a report is reproducible.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
-"""Reports from a scores directory: ``report.md`` and one self-contained ``report.html`` (+ the plots as PNG).
-
-Why a module of its own: an influence score is only believed once a person has read the documents behind
-it. The report puts, for each query, its prompt and response next to the training documents that help it
-most and hurt it most, each document's text highlighted by *where* in it the influence comes from, and the
-data-value ledger (``dataworth.ledger``) that sums the same scores per document and per data source.
-
-Per-token highlighting is exact (DESIGN.md, "Per-token attribution"): with ``p_q = (F + λI)⁻¹ ĝ_q``,
-
-    s(q, n) = Σ_t c_t(q, n),   c_t(q, n) = Σ_m ⟨P_{q,m}, (P_out δ_t)(P_in x_t)ᵀ⟩     (``extract.token_contributions``)
-
-recomputed (one forward and backward pass) only for the documents shown. For ``cosine`` scores each
-``c_t`` is divided by ``‖p_q‖ ‖ĝ_n‖``, for ``relative`` by ``s(n, n)`` — the same denominators as the
-score — so a document's token contributions always add up to the score printed beside it (up to the
-store's storage precision: a float16 store rounds ``ĝ_n``, the recomputation does not).
+"""The report's pure rendering: escaping, token colours, the self-contained HTML page and the Markdown file.
 
 Safety: every string that comes from data (texts, ids, field values, file names) goes through
-``html.escape`` before it reaches the page; the page carries a Content-Security-Policy that allows only
-its own script (by hash), inline styles and ``data:`` images, so even a missed escape could not run code
-or fetch anything. No data reaches the script: search works on the page's text.
+``html.escape`` (after `displayable`) before it reaches the page; the page carries a Content-Security-Policy
+that allows only its own script (by hash), inline styles and ``data:`` images, so even a missed escape could
+not run code or fetch anything. No data reaches the script: search works on the page's text.
 """
 
 from __future__ import annotations
@@ -33,8 +19,6 @@ import numpy as np
 import pandas as pd
 
 DEFAULT_MAX_DISPLAY_TOKENS = 1500
-
-
 DEFAULT_MAX_TEXT_CHARS = 20_000
 
 
@@ -55,17 +39,9 @@ class ReportConfig:
 
 
 POSITIVE_RGB = (37, 99, 235)  # blue: the document helps the query
-
-
 NEGATIVE_RGB = (234, 88, 12)  # orange: the document hurts the query
-
-
 MAX_ALPHA = 0.75
-
-
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
@@ -169,8 +145,6 @@ img{max-width:100%;height:auto}
 .plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 .plots figure{margin:0;flex:1 1 380px;max-width:600px}
 """
-
-
 _SCRIPT = """(function(){
 var box=document.getElementById('search'),count=document.getElementById('shown-count');
 var sections=Array.prototype.slice.call(document.querySelectorAll('section.query'));

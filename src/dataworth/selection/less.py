@@ -65,6 +65,7 @@ from dataworth.gradients.modules import select_modules
 from dataworth.gradients.projection import build_projections
 from dataworth.model.generate import generate_token_ids
 from dataworth.model.load import load_model
+from dataworth.model.losses import forward_batches
 from dataworth.model.optimizer import (
     ADAM_CONVENTIONS,
     OPTIMIZER_JSON,
@@ -87,21 +88,11 @@ from dataworth.util import (
 )
 
 LORA_MODULES = r"lora_[AB]\."
-
-
 GRADIENTS = ("adam", "sgd")
-
-
 AGGREGATES = ("mean", "max", "min")
-
-
 SELECT_JSON = "select.json"
-
-
 ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "base_model_name_or_path", "lora_dropout",
                   "fan_in_fan_out", "use_rslora", "use_dora", "bias", "modules_to_save", "layers_to_transform")
-
-
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 
 
@@ -684,16 +675,14 @@ def evaluate_rows(model: torch.nn.Module, tokenizer, rows: Sequence, *, max_leng
     expected answer after stripping (`exact_match`). Deterministic."""
 
     encoded, _ = encode_rows(list(rows), tokenizer, max_length=max_length, chat=chat)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
     total, targets = 0.0, 0
     model.eval()
-    with torch.no_grad():
-        for index in plan_batches([len(e.input_ids) for e in encoded], batch_size=batch_size):
-            batch = collate([encoded[i] for i in index], index, pad_id).to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            total += float(example_losses(logits, batch).double().sum())
-            targets += int(batch.loss_mask[:, 1:].sum())
+    plan = plan_batches([len(e.input_ids) for e in encoded], batch_size=batch_size)
+    for batch, output in forward_batches(model, [collate([encoded[i] for i in index], index, pad_id)
+                                                 for index in plan]):
+        total += float(example_losses(output.logits, batch).double().sum())
+        targets += int(batch.loss_mask[:, 1:].sum())
     prompts = [prompt_ids(e) for e in encoded]
     answers = [_prompt_and_answer(row)[1] for row in rows]
     longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)

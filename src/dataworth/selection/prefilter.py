@@ -40,8 +40,9 @@ from dataworth.data.encode import encode_rows
 from dataworth.data.rows import load_rows
 from dataworth.errors import InputError
 from dataworth.model.load import load_model
+from dataworth.model.losses import forward_batches
 from dataworth.selection.less import compute_scores, rank_rows, require, selection_size
-from dataworth.util import atomic_write, torch_threads, write_json_atomic
+from dataworth.util import atomic_write, pad_token_id, torch_threads, write_json_atomic
 
 PREDICTORS = ("ridge", "gbm")
 
@@ -76,23 +77,21 @@ def cheap_features(model: torch.nn.Module, tokenizer, encoded: Sequence, batch_s
     """``[N, H + 3]`` float64: mean last hidden state over real tokens, ``log1p(tokens)``,
     ``log1p(target tokens)``, mean target-token loss — one no-grad forward pass per row."""
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
     rows: np.ndarray | None = None
     model.eval()
-    with torch.no_grad():
-        for index in plan_batches([len(e.input_ids) for e in encoded], batch_size=batch_size):
-            batch = collate([encoded[i] for i in index], index, pad_id).to(device)
-            output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-            mask = batch.attention_mask.float()
-            hidden = (output.hidden_states[-1].float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            targets = batch.loss_mask[:, 1:].sum(1).float()
-            loss = example_losses(output.logits, batch) / targets.clamp(min=1)
-            extra = torch.stack([torch.log1p(mask.sum(1)), torch.log1p(targets), loss], dim=1)
-            block = torch.cat([hidden, extra], dim=1).double().cpu().numpy()
-            if rows is None:
-                rows = np.zeros((len(encoded), block.shape[1]))
-            rows[index] = block
+    plan = plan_batches([len(e.input_ids) for e in encoded], batch_size=batch_size)
+    batches = [collate([encoded[i] for i in index], index, pad_id) for index in plan]
+    for batch, output in forward_batches(model, batches, output_hidden_states=True):
+        mask = batch.attention_mask.float()
+        hidden = (output.hidden_states[-1].float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        targets = batch.loss_mask[:, 1:].sum(1).float()
+        loss = example_losses(output.logits, batch) / targets.clamp(min=1)
+        extra = torch.stack([torch.log1p(mask.sum(1)), torch.log1p(targets), loss], dim=1)
+        block = torch.cat([hidden, extra], dim=1).double().cpu().numpy()
+        if rows is None:
+            rows = np.zeros((len(encoded), block.shape[1]))
+        rows[batch.index.numpy()] = block
     return rows
 
 

@@ -50,28 +50,18 @@ from dataworth.errors import InputError
 from dataworth.util import file_sha256
 
 FORMAT = "dataworth-store"
-
-
 VERSION = 1
-
-
 SUPPORTED_VERSIONS = (1,)
-
-
 MANIFEST = "manifest.json"
-
-
 IDS_FILE = "ids.parquet"
-
-
 SHARD_DIR = "shards"
-
-
 LAYOUTS = ("out_in", "in_out")
-
-
 HEADER_SECTIONS = ("projection", "model", "data", "config")
-
+# Side files later stages read: KFAC factors of the projected gradients (extract, dw.watch), the full-size
+# covariances of a PCA first pass and the projections' own covariances.
+KFAC_FILE = "curvature/kfac_factors.safetensors"
+PCA_FILE = "projection/pca.safetensors"
+FULL_COV_FILE = "covariance/full.safetensors"
 
 # Store dtype name -> dtype of the raw numbers in the .npy file (bfloat16 has no numpy dtype: raw bits).
 RAW_DTYPES: dict[str, np.dtype] = {
@@ -80,21 +70,11 @@ RAW_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
 }
 STORE_DTYPES = tuple(RAW_DTYPES)
-
-
 TMP_FILE = re.compile(r"\.tmp-\d+$")
-
-
 SHARD_FILE = re.compile(r"^(\d{5,})\.(npy|meta\.parquet)$")
-
-
 RESERVED_KEYS = ("format", "version", "complete", "rows", "dim", "dtype", "shard_rows", "modules",
-                  "shards", "ids")
-
-
+                 "shards", "ids")
 FRAGMENT_FORMAT = "dataworth-store-fragment"
-
-
 FRAGMENT_FILE = re.compile(r"^manifest\.rank-(\d+)\.json$")
 
 
@@ -405,12 +385,3 @@ def verify_shards(path: Path, shards: list[dict[str, Any]], dim: int, dtype: str
         if verify:
             verify_checksum(path / s["file"], s["file"], s["sha256"])
             verify_checksum(meta, s["meta"], s["meta_sha256"])
-
-
-KFAC_FILE = "curvature/kfac_factors.safetensors"
-
-
-PCA_FILE = "projection/pca.safetensors"
-
-
-FULL_COV_FILE = "covariance/full.safetensors"

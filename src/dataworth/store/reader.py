@@ -1,44 +1,12 @@
-"""The gradient store: the on-disk contract between extraction and curvature / scoring.
+"""Reading a store: `open_store` validates it and returns a `Store` that streams float32 row blocks.
 
-Why a module of its own: every later stage (``fit``, ``score``, ``select``, ``eval``) reads only what
-extraction wrote, possibly on another machine, possibly from a store someone else made. So the store is a
-small, boring thing — plain ``.npy`` shards, parquet side tables, safetensors for curvature, and one JSON
-manifest that is validated on reopen. Nothing is pickled: opening a stranger's store runs no code.
-
-Layout (``DESIGN.md``, "Store on disk")::
-
-    manifest.json                 format, version, complete, rows, dim, dtype, modules, projection,
-                                  model, data, config, shard_rows, shards[{file, rows, sha256, first_row,
-                                  meta, meta_sha256}], ids{file, rows, sha256} (after finalize)
-    shards/NNNNN.npy              [rows, dim] C-order, dtype '<f2' | '<u2' (bfloat16 bits) | '<f4'
-    shards/NNNNN.meta.parquet     id (string), loss (float64), tokens (int64), one row per shard row
-    ids.parquet                   the shard metas concatenated, one row per store row, same order
-    curvature/*.safetensors       written by later stages (``save_tensors``)
-
-Row ``r`` is the concatenation, in manifest module order, of each module's projected gradient
-``Ĝ`` (``k_out × k_in``) flattened row-major; ``layout == "in_out"`` means the module stored ``Ĝᵀ``
-(``k_in × k_out``, e.g. HF ``Conv1D``), and ``Store.module_rows`` undoes that so callers always see
-``[b, k_out, k_in]``.
-
-Completion and resume: a shard is complete iff the manifest lists it. ``write_shard`` writes the ``.npy``
-(tmp + ``os.replace``), then the meta parquet, then rewrites the manifest atomically, so a killed run leaves
-at worst an unlisted shard, which the next ``StoreWriter`` with the same header deletes and rewrites. The
-manifest carries no timestamps and is written canonically (nested header dicts with sorted keys), so a
-resumed store is byte-identical to an uninterrupted one.
-
-Rank-local writing (several processes filling one store, ``dataworth.distributed``): shard ``i`` is always
-the same rows whoever writes it, so ranks write shard files out of order with `write_shard_files` and list
-each finished shard in their own fragment ``manifest.rank-R.json`` (`write_fragment`); one process then
-hands the entries to ``StoreWriter.adopt_shards`` in shard order and finalizes. A fragment records the
-writer's `identity_digest`, so fragments of another configuration are never adopted.
+Validation on open: manifest format/version, completion, dtype, module layout, shard names and row counts,
+each shard's ``.npy`` header and exact size, and (``verify=True``) every SHA-256. Reading: shards are
+memory-mapped (the last `OPEN_SHARD_MAPS` kept open), blocks may cross shard boundaries, and with
+``reuse=True`` the next block is read and widened by a background thread while the consumer works.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
-    import torch
 
 import bisect
 import os
@@ -47,7 +15,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -70,8 +38,10 @@ from dataworth.store.format import (
 )
 from dataworth.store.tensors import load_tensors, save_tensors
 
-OPEN_SHARD_MAPS = 64  # memory maps a Store keeps open (each holds one file descriptor)
+if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
+    import torch
 
+OPEN_SHARD_MAPS = 64  # memory maps a Store keeps open (each holds one file descriptor)
 
 # Python-side bookkeeping of the prefetching reader (thread, future, queue objects): memory budgets reserve it.
 PREFETCH_OVERHEAD_BYTES = 48 * 1024  # measured 27–38 KiB beyond the second block (tracemalloc)

@@ -1,24 +1,4 @@
-"""The gradient store: the on-disk contract between extraction and curvature / scoring.
-
-Why a module of its own: every later stage (``fit``, ``score``, ``select``, ``eval``) reads only what
-extraction wrote, possibly on another machine, possibly from a store someone else made. So the store is a
-small, boring thing — plain ``.npy`` shards, parquet side tables, safetensors for curvature, and one JSON
-manifest that is validated on reopen. Nothing is pickled: opening a stranger's store runs no code.
-
-Layout (``DESIGN.md``, "Store on disk")::
-
-    manifest.json                 format, version, complete, rows, dim, dtype, modules, projection,
-                                  model, data, config, shard_rows, shards[{file, rows, sha256, first_row,
-                                  meta, meta_sha256}], ids{file, rows, sha256} (after finalize)
-    shards/NNNNN.npy              [rows, dim] C-order, dtype '<f2' | '<u2' (bfloat16 bits) | '<f4'
-    shards/NNNNN.meta.parquet     id (string), loss (float64), tokens (int64), one row per shard row
-    ids.parquet                   the shard metas concatenated, one row per store row, same order
-    curvature/*.safetensors       written by later stages (``save_tensors``)
-
-Row ``r`` is the concatenation, in manifest module order, of each module's projected gradient
-``Ĝ`` (``k_out × k_in``) flattened row-major; ``layout == "in_out"`` means the module stored ``Ĝᵀ``
-(``k_in × k_out``, e.g. HF ``Conv1D``), and ``Store.module_rows`` undoes that so callers always see
-``[b, k_out, k_in]``.
+"""Writing a store: `StoreWriter` (append-only, resumable) and rank-local shard files and fragments.
 
 Completion and resume: a shard is complete iff the manifest lists it. ``write_shard`` writes the ``.npy``
 (tmp + ``os.replace``), then the meta parquet, then rewrites the manifest atomically, so a killed run leaves
@@ -26,7 +6,7 @@ at worst an unlisted shard, which the next ``StoreWriter`` with the same header 
 manifest carries no timestamps and is written canonically (nested header dicts with sorted keys), so a
 resumed store is byte-identical to an uninterrupted one.
 
-Rank-local writing (several processes filling one store, ``dataworth.distributed``): shard ``i`` is always
+Rank-local writing (several processes filling one store, `dataworth.distributed`): shard ``i`` is always
 the same rows whoever writes it, so ranks write shard files out of order with `write_shard_files` and list
 each finished shard in their own fragment ``manifest.rank-R.json`` (`write_fragment`); one process then
 hands the entries to ``StoreWriter.adopt_shards`` in shard order and finalizes. A fragment records the
@@ -35,17 +15,12 @@ writer's `identity_digest`, so fragments of another configuration are never adop
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
-    import torch
-
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +55,9 @@ from dataworth.store.format import (
 from dataworth.store.reader import Store, open_store
 from dataworth.store.tensors import save_tensors
 from dataworth.util import atomic_path, file_sha256, first_difference, short
+
+if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
+    import torch
 
 
 class _HashingWriter:

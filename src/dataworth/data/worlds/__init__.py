@@ -24,8 +24,6 @@ __all__ = [
     "BiosWorld", "FactQuery", "InstructConfig", "InstructExample", "InstructWorld", "Person", "builtin_rows",
     "make_bios", "make_instruct", "parse_config",
 ]
-
-
 _INT = re.compile(r"[+-]?[0-9]+")
 
 
@@ -59,8 +57,6 @@ class _World:
 
 
 _SEED = _Param(None, None)
-
-
 _WORLDS: dict[str, _World] = {
     "bios": _World(BiosConfig, make_bios, ("train", "queries", "questions"), "train", {
         "people": _Param(1, MAX_PEOPLE),
@@ -78,8 +74,6 @@ _WORLDS: dict[str, _World] = {
         "facts_seed": _SEED,
     }),
 }
-
-
 BUILTIN_NAMES: tuple[str, ...] = tuple(_WORLDS)
 
 

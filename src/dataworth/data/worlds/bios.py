@@ -55,20 +55,14 @@ import random
 from dataclasses import dataclass
 
 ATTRIBUTES: tuple[str, ...] = ("birth_date", "birth_city", "university", "major", "employer")
-
-
 FIRST_NAMES_FEMALE = (
     "Alice", "Beatrice", "Clara", "Daphne", "Elena", "Fiona", "Greta", "Helena", "Irene", "Julia",
     "Katrin", "Lena", "Miriam", "Nadia", "Olga", "Priya", "Rosa", "Sofia", "Tamara", "Vera",
 )
-
-
 FIRST_NAMES_MALE = (
     "Aaron", "Bruno", "Caspar", "Dmitri", "Elias", "Felix", "Gustav", "Hugo", "Igor", "Jonas",
     "Kenji", "Lorenzo", "Marcus", "Nikolai", "Oscar", "Pavel", "Rafael", "Stefan", "Tobias", "Viktor",
 )
-
-
 LAST_NAMES = (
     "Abernathy", "Brennan", "Castellano", "Dunmore", "Eastwood", "Fairbanks", "Galloway", "Hargrove",
     "Ingleby", "Jansen", "Kowalski", "Lindqvist", "Moreau", "Nakamura", "Okafor", "Pellegrini",
@@ -76,16 +70,12 @@ LAST_NAMES = (
     "Zielinski", "Achterberg", "Blackwood", "Cardenas", "Delacroix", "Esposito", "Fitzgerald",
     "Gonzaga", "Holloway", "Iversen", "Kingsley", "Lachance", "Montague", "Novak", "Ortega", "Petrova",
 )
-
-
 CITIES = (
     "Paris", "Berlin", "Madrid", "Lisbon", "Vienna", "Prague", "Warsaw", "Dublin", "Oslo", "Helsinki",
     "Athens", "Budapest", "Copenhagen", "Stockholm", "Amsterdam", "Brussels", "Zurich", "Milan",
     "Munich", "Krakow", "Seville", "Porto", "Edinburgh", "Toronto", "Chicago", "Seattle", "Denver",
     "Melbourne", "Osaka", "Nairobi",
 )
-
-
 UNIVERSITIES = (
     "Northgate University", "Riverside Institute of Technology", "Eastbrook College",
     "Westmoor University", "Highland Polytechnic", "Lakeshore University", "Silverpine College",
@@ -95,16 +85,12 @@ UNIVERSITIES = (
     "Crestfield University", "Harrowgate College", "Mapleford University", "Wyndham Institute",
     "Larkspur University",
 )
-
-
 MAJORS = (
     "physics", "chemistry", "biology", "mathematics", "economics", "history", "philosophy",
     "linguistics", "architecture", "astronomy", "geology", "sociology", "psychology", "statistics",
     "musicology", "anthropology", "civil engineering", "computer science", "marine biology",
     "political science", "materials science", "archaeology", "literature", "neuroscience",
 )
-
-
 EMPLOYERS = (
     "Acme Robotics", "Borealis Energy", "Cobalt Systems", "Driftwood Media", "Everline Logistics",
     "Falconer Pharmaceuticals", "Glimmer Games", "Halcyon Airlines", "Ironvale Steel", "Juniper Foods",
@@ -114,21 +100,15 @@ EMPLOYERS = (
     "Zephyr Semiconductors", "Atlas Biotech", "Beacon Analytics", "Cinder Studios", "Dynamo Chemicals",
     "Evergreen Farms", "Foxglove Architects",
 )
-
-
 MONTHS = (
     "January", "February", "March", "April", "May", "June",
     "July", "August", "September", "October", "November", "December",
 )
 
-
 # Distinct birth dates per world: a small pool so dates repeat across people like the other attributes
 # (a fully random date per person would be unique and much harder for a tiny model to memorise).
 DATE_POOL_SIZE = 32
-
-
 MAX_PEOPLE = (len(FIRST_NAMES_FEMALE) + len(FIRST_NAMES_MALE)) * len(LAST_NAMES)
-
 
 # Fact templates. ``{S}`` is the sentence subject (full name or He/She), ``{P}`` a sentence-initial
 # possessive (``Alice Smith's`` or His/Her), ``{p}`` a mid-sentence possessive (his/her), ``{v}`` the value.
@@ -166,7 +146,6 @@ FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-
 # Natural questions (``split="questions"`` and the facts family of ``builtin:instruct``).
 QUESTION_TEMPLATES: dict[str, str] = {
     "birth_date": "When was {name} born?",
@@ -175,7 +154,6 @@ QUESTION_TEMPLATES: dict[str, str] = {
     "major": "What did {name} study?",
     "employer": "Which company does {name} work for?",
 }
-
 
 # Distractor sentences: they mention the same values but state nothing about any person. None of them may
 # contain a fact phrasing ("was born", "works for", ...) or a pronoun that could refer to a person.
@@ -195,7 +173,6 @@ DISTRACTOR_TEMPLATES: tuple[str, ...] = (
     "{employer} announced record profits on {date}.",
     "Rain fell over {city} for a whole week in {month}.",
 )
-
 
 # Reversed fact statements: the value strictly before the full name ``{name}``, reusing the canonical
 # template's words but never forming the forward canonical sentence "{name} <verb> <prep> {v}." nor even its
@@ -228,8 +205,6 @@ REVERSED_TEMPLATES: dict[str, tuple[str, ...]] = {
         "It is for {v} that {name} works.",
     ),
 }
-
-
 REVERSED_DOC_SENTENCES = (1, 3)  # sentences per reversed document, inclusive
 
 

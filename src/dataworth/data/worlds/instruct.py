@@ -50,14 +50,10 @@ TASKS: dict[str, tuple[str, ...]] = {
     "units": ("km_to_m", "kg_to_g", "hours_to_minutes"),
     "sort": ("ascending", "descending"),
 }
-
-
 CHAT_SUBTASKS: tuple[str, ...] = ("greeting", "smalltalk", "opinion")
-
 
 # Share of the train pool per target family; chat takes the rest (61 % by default).
 POOL_SHARES: dict[str, float] = {"arithmetic": 0.10, "units": 0.10, "reverse": 0.08, "sort": 0.06, "facts": 0.05}
-
 
 # An item generator: universe size and a bijection from index to (user content, assistant content).
 Item = tuple[str, str]
@@ -120,8 +116,6 @@ class InstructWorld:
 
 
 SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")  # 70 syllables
-
-
 WORDS = (
     "apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "garden", "rocket",
     "window", "forest", "silver", "orange", "pencil", "bridge", "castle", "dragon", "hammer", "island",
@@ -214,40 +208,28 @@ def _facts(people: int, seed: int) -> dict[str, Universe]:
 CHAT_NAMES = ("Sam", "Alex", "Jordan", "Robin", "Taylor", "Morgan", "Casey", "Jamie", "Riley", "Quinn",
               "Avery", "Charlie", "Dana", "Emery", "Frankie", "Harper", "Jesse", "Kai", "Logan", "Noel",
               "Parker", "Reese", "Sasha", "Toni")
-
-
 CHAT_OPENERS = ("", "Hi! ", "Hello. ", "Hey there! ", "Good morning! ", "Good evening! ", "Sorry to bother you. ",
                 "I have a question. ", "Just curious: ", "Quick one: ", "Hello again! ", "Hey! ")
-
-
 CHAT_PLACES = ("the beach", "the mountains", "the city", "the countryside", "a lake", "the desert",
                "a forest", "an island", "a small village", "the seaside", "a market", "a museum",
                "a vineyard", "a castle", "the coast", "a national park", "a ski resort", "a botanical garden",
                "the zoo", "a festival", "a harbour town", "a cabin", "a fishing village", "a hot spring")
-
-
 CHAT_THINGS = ("rainy days", "jazz music", "board games", "hiking", "gardening", "old films", "poetry",
                "long walks", "cooking", "painting", "cycling", "knitting", "birdwatching", "chess",
                "camping", "baking", "dancing", "sailing", "photography", "crossword puzzles", "pottery",
                "yoga", "stargazing", "origami")
-
-
 CHAT_GREETINGS = (("My name is {x}.", "Nice to meet you, {x}!"),
                   ("I'm {x}, nice to meet you.", "Nice to meet you too, {x}."),
                   ("This is {x} again.", "Welcome back, {x}!"),
                   ("{x} here, how are you?", "I'm doing well, thanks for asking, {x}."),
                   ("Call me {x}.", "Sure, {x}. How can I help?"),
                   ("It's {x}. Do you remember me?", "Hello {x}, good to hear from you."))
-
-
 CHAT_SMALLTALK = (("Do you think a trip to {x} would be relaxing?", "A trip to {x} sounds lovely."),
                   ("I spent the weekend at {x}.", "That sounds like a nice weekend."),
                   ("What should I pack for {x}?", "Comfortable shoes are always a good idea."),
                   ("Is {x} nice in spring?", "Spring is a pleasant season almost anywhere."),
                   ("My family wants to visit {x}.", "I hope you all have a great time."),
                   ("Have you ever heard good things about {x}?", "Many travellers speak warmly of {x}."))
-
-
 CHAT_OPINIONS = (("Do you like {x}?", "Many people enjoy {x}."),
                  ("What do you think about {x}?", "{X} can be a relaxing hobby."),
                  ("Is {x} a good way to spend an evening?", "It depends on your mood, but why not?"),
