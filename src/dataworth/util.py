@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from dataworth.errors import InputError
 
@@ -83,6 +83,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, value: Any, *, indent: int = 2, sort_keys: bool = True) -> Path:
     """``value`` as JSON (plus a final newline) to ``path`` atomically."""
     return write_text_atomic(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """One JSON object per line (UTF-8, non-ASCII kept) to ``path`` atomically."""
+    return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -157,7 +157,7 @@ def batches(
     token_budget: int | None = None,
     sort_by_length: bool = False,
 ) -> Iterator[Batch]:
-    """Padded batches over ``encoded`` (``dataworth.batching.plan_batches`` + ``collate``); ``Batch.index``
+    """Padded batches over ``encoded`` (``dataworth.data.batching.plan_batches`` + ``collate``); ``Batch.index``
     holds positions in ``encoded``, so results can be written back in dataset order."""
     plan = plan_batches([len(e.input_ids) for e in encoded], batch_size=batch_size, token_budget=token_budget,
                         sort_by_length=sort_by_length)

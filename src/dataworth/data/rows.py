@@ -39,6 +39,7 @@ from urllib.parse import parse_qsl
 
 from dataworth.data.worlds import builtin_rows
 from dataworth.errors import InputError, one_line
+from dataworth.util import write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 Kind = Literal["text", "prompt_response", "messages"]
@@ -402,7 +403,7 @@ def _hf_records(spec: str) -> Iterator[_Record]:
 
 
 def _builtin_records(spec: str) -> Iterator[_Record]:
-    """``builtin:NAME[:SPLIT][?key=value&...]`` → ``dataworth.worlds.builtin_rows(name, split, params)``."""
+    """``builtin:NAME[:SPLIT][?key=value&...]`` → ``dataworth.data.worlds.builtin_rows(name, split, params)``."""
     body, _, query = spec[len("builtin:"):].partition("?")
     name, _, split = body.partition(":")
     split = split or "train"
@@ -431,13 +432,7 @@ def _records(spec: str) -> Iterator[_Record]:
 
 def _write_bad_ids(bad: Sequence[BadRow], out: str | Path) -> None:
     """One JSON object per bad row (``id``, ``source``, ``reason``), written atomically."""
-    out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in bad:
-            entry = {"id": row.id, "source": row.source, "reason": row.reason}
-            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_jsonl_atomic(out, ({"id": row.id, "source": row.source, "reason": row.reason} for row in bad))
 
 
 def load_rows_report(

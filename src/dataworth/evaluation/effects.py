@@ -28,7 +28,7 @@ from dataworth.util import pad_token_id, progress_bar
 
 def row_gradients(model: torch.nn.Module, rows: Sequence[Any], pad_id: int,
                   params: Sequence[torch.nn.Parameter]):
-    """For each encoded row, ``∇_params L_n(θ)`` of its summed target loss (``batching.example_losses``), as a
+    """For each encoded row, ``∇_params L_n(θ)`` of its summed target loss (``data.batching.example_losses``), as a
     list of tensors shaped like ``params`` (zeros for a parameter the loss does not reach). One backward pass
     per row, on a batch of that row alone (no padding, so nothing else can leak in)."""
 
@@ -50,14 +50,14 @@ def one_step_effects(model: torch.nn.Module, tokenizer: Any, train_encoded: Sequ
 
     ``effect[q, n] = L_q(θ) − L_q(θ − η·u_n)`` — positive: one more step on ``n`` raises the log-probability of
     ``q``'s targets by that many nats. ``L_q`` is the loss summed over the targets of ``q``'s loss mask
-    (``batching.example_losses``; pass the queries through ``measured_queries(…, "answer")`` to measure the
+    (``data.batching.example_losses``; pass the queries through ``measured_queries(…, "answer")`` to measure the
     answer only). The step touches ``params`` (``model.named_parameters()`` names; default: every parameter
     with ``requires_grad``) and is, per parameter:
 
-    - with ``optimizer_dir`` (a ``dataworth.train`` checkpoint, or a trained model directory: its final state,
+    - with ``optimizer_dir`` (a ``dataworth.model.train`` checkpoint, or a trained model directory: its final state,
       `final_optimizer_dir`) — AdamW's step on a batch holding row ``n`` alone, from the saved state, without
       the past momentum and the decoupled weight decay (both are the same for every row: they would shift all
-      effects of a query by one constant). With ``g = ∇L_n(θ) / T_n`` (the row's loss as ``dataworth.train``
+      effects of a query by one constant). With ``g = ∇L_n(θ) / T_n`` (the row's loss as ``dataworth.model.train``
       computes it: the mean over its ``T_n`` targets), ``t`` the saved step count, ``v`` the saved
       ``exp_avg_sq``::
 
@@ -167,9 +167,9 @@ def _restore(weights: Sequence[torch.Tensor], originals: Sequence[torch.Tensor])
 
 def answer_effects(store, model, tokenizer, queries, train_rows, optimizer_dir) -> np.ndarray:
     """``[Q, N]`` effect of one more training step on each store row on each query's answer loss (nats;
-    ``retrain.one_step_effects`` with the final AdamW state). Rows are encoded as the store was extracted
+    ``evaluation.effects.one_step_effects`` with the final AdamW state). Rows are encoded as the store was extracted
     (its ``max_length`` and ``chat``); queries measure the answer without the appended end token, as
-    ``extract.query_gradients`` attributes it."""
+    ``gradients.queries.query_gradients`` attributes it."""
 
     cfg = store.manifest["config"]
     encoded, _ = encode_rows(train_rows, tokenizer, max_length=cfg.get("max_length"), chat=cfg.get("chat", "auto"))

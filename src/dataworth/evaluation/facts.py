@@ -50,9 +50,9 @@ def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, docu
     """recall@1 / recall@10 / MRR for each (curvature, mode) on the bios fact queries, plus BM25.
 
     With ``train_rows`` (the store's rows, in its order) and ``optimizer_dir`` (the trained model directory or
-    its final checkpoint, see ``retrain.final_optimizer_dir``), every row also gets ``tail-patch@10``: the mean,
+    its final checkpoint, see ``model.optimizer.final_optimizer_dir``), every row also gets ``tail-patch@10``: the mean,
     over queries and their top-10 documents, of how much one more training step on that document alone raises
-    log p(answer) in nats (``evaluate.tail_patch`` over ``retrain.one_step_effects``, computed once; the query
+    log p(answer) in nats (``evaluation.metrics.tail_patch`` over ``evaluation.effects.one_step_effects``, computed once; the query
     loss is the answer's, as attributed). Two reference rows follow: ``gold documents`` (score 1 on the gold
     rows: recall 1 by construction; its tail-patch averages the effects of the query's gold rows — 2 or 3 on
     bios — instead of padding them to 10 with score-0 rows taken in row order) and ``one-step oracle`` (the
@@ -130,7 +130,7 @@ def eval_facts(model: str, data: str, queries: str, out_dir: str | os.PathLike, 
                rank: int = 32, curvatures: Sequence[str] = ("none", "ekfac"), modes: Sequence[str] = ("dot", "cosine"),
                modules: str = "all", seed: int = 0, progress: bool = True) -> list[dict]:
     """``dataworth eval facts``: recall@1/@10, strict recall@10 and MRR of the gold fact documents for each
-    (curvature, mode), with BM25 in the same table (``demo.fact_tracing_table``; 1-based ranks, ties by row
+    (curvature, mode), with BM25 in the same table (``evaluation.facts.fact_tracing_table``; 1-based ranks, ties by row
     order), and ``tail-patch@10`` with its reference rows when ``model`` is a ``dataworth train`` directory
     holding its final optimizer state. Extracts a store of ``model`` on ``data`` under ``out_dir/store``
     (resumed when present)."""

@@ -30,10 +30,10 @@ from dataworth.evaluation.retrain import (
 
 def run_lds(task: LdsTask, method: AttributionConfig, *, leave_out_percent: Sequence[float] = (),
             random_draws: int = 1, n_bootstrap: int = 1000, progress: bool = True) -> dict:
-    """LDS of ``method`` on ``task`` (see ``dataworth.evaluate.lds_summary`` for the keys) plus, for each
+    """LDS of ``method`` on ``task`` (see ``dataworth.evaluation.metrics.lds_summary`` for the keys) plus, for each
     ``p`` in ``leave_out_percent``, the leave-k-out test with ``k = round(p·N/100)``: per query, retrain
     without its top-k rows vs without k random rows (``leave_out@p%_top_increase`` etc., see
-    ``evaluate.removal_summary``). Leave-k-out retrains one model per query and k: expensive, opt-in."""
+    ``evaluation.metrics.removal_summary``). Leave-k-out retrains one model per query and k: expensive, opt-in."""
     started = time.perf_counter()
     scores = attribution_scores(task, method, progress=progress)
     score_s = time.perf_counter() - started
@@ -53,7 +53,7 @@ def removal_test(task: LdsTask, scores: np.ndarray, k: int, queries: Sequence[in
                  replicate: int = 0, *, progress: bool = True, trainer: Trainer | None = None) -> dict:
     """For each query in ``queries``: retrain without its ``k`` top-scored rows and without ``k`` random rows
     (``random_draws`` draws), and compare the *query's own* loss with the all-rows retrain
-    (``evaluate.removal_summary``; ``k`` is added to the result)."""
+    (``evaluation.metrics.removal_summary``; ``k`` is added to the result)."""
 
     queries = list(queries)
     if not 1 <= k < len(task.train_ids):

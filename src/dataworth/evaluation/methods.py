@@ -35,7 +35,7 @@ class AttributionConfig:
 
     ``projection``: ``random`` | ``pca`` | ``identity`` (LoGra; ``rank`` = k_in = k_out, ignored for identity).
     ``curvature``: ``none`` | ``raw`` | ``kfac`` | ``ekfac``; ``damping``: a float or ``auto``.
-    ``mode``: ``dot`` | ``cosine`` | ``relative`` (``dataworth.scoring``).
+    ``mode``: ``dot`` | ``cosine`` | ``relative`` (``dataworth.influence.scores``).
     ``checkpoints``: ``final`` (the full-data model) or ``ensemble`` — the mean of the score matrices of
     the task's kept per-epoch checkpoints (TRAK's model ensemble / TracIn's checkpoint sum, with equal
     weights). ``optimizer``: ``none`` or ``adam`` — TrackStar (Chang et al. 2024, "Scalable Influence and
@@ -45,7 +45,7 @@ class AttributionConfig:
     ``R = (1 − mix)·R_train + mix·R_query`` of the train and query gradient second moments, and unit-normalised
     (``mode`` is then ignored: TrackStar is a cosine). ``rank=0`` with ``adam``: no projection and ``R = I``.
     ``measure_end_token``: the query gradient includes the appended end-of-sequence target (matching a task
-    with ``measure="answer+end"``); off by default, like ``extract.query_gradients`` for prompt/response rows
+    with ``measure="answer+end"``); off by default, like ``gradients.queries.query_gradients`` for prompt/response rows
     (its shared "stop here" gradient drowns the answer's signal) and like the default ``measure="answer"``.
     """
 

@@ -183,7 +183,7 @@ def removal_summary(base: np.ndarray, top: np.ndarray, random: np.ndarray) -> di
 def mean_effect(effects: np.ndarray, rows: Sequence[Sequence[int]]) -> float:
     """Mean over queries of the mean of ``effects[q, n]`` over that query's rows ``rows[q]`` (non-empty).
 
-    ``effects [Q, N]``: e.g. ``retrain.one_step_effects`` (nats of query-loss decrease).
+    ``effects [Q, N]``: e.g. ``evaluation.effects.one_step_effects`` (nats of query-loss decrease).
     """
     effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
     chosen = row_lists(rows, effects.shape[0], "chosen")
@@ -195,7 +195,7 @@ def tail_patch(scores: np.ndarray, effects: np.ndarray, k: int) -> float:
 
     ``tail_patch = (1/Q) Σ_q (1/k) Σ_{n ∈ top_k(scores[q])} effects[q, n]`` with ``scores [Q, N]`` (higher
     ranks higher; ties by row order, as `ranks`) and ``effects [Q, N]`` the measured effect of one step on
-    row n (``retrain.one_step_effects``: positive = the step raises log p(answer), in nats). Independent of
+    row n (``evaluation.effects.one_step_effects``: positive = the step raises log p(answer), in nats). Independent of
     any gold labels: a method that retrieves the documents stating a fact can still score low here.
     """
     scores, effects = np.atleast_2d(np.asarray(scores)), np.atleast_2d(np.asarray(effects))

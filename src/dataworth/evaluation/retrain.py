@@ -10,17 +10,17 @@ methods against the *same* retrains by calling `build_lds_task` with the same `L
 The task (``build_lds_task(out_dir, LdsConfig(...)) -> LdsTask``)::
 
     out_dir/cache.json                 the configuration (see `LdsConfig.identity`); another one is refused
-    out_dir/model/                     the full-data model (``dataworth.train``): the model being attributed,
+    out_dir/model/                     the full-data model (``dataworth.model.train``): the model being attributed,
                                        with ``checkpoints/epoch-N/`` for ``LdsConfig.checkpoints`` epochs
     out_dir/retrains/subset-MMM-rR.json  one LDS retrain: subset M, replicate (seed) R
     out_dir/retrains/removal-<sha>-rR.json  one removal retrain (leave-k-out / brittleness), keyed by the
                                        removed set; ``full-rR.json`` is the all-rows reference retrain
 
 Public API: ``LdsConfig``, ``build_lds_task(out, config) -> LdsTask`` (``load_lds_task`` never trains),
-``LdsTask.evaluate(scores [Q, N]) -> dict`` (``evaluate.lds_summary``), ``removal_losses`` / ``full_losses`` /
+``LdsTask.evaluate(scores [Q, N]) -> dict`` (``evaluation.metrics.lds_summary``), ``removal_losses`` / ``full_losses`` /
 ``removal_test`` (leave-k-out, brittleness), ``AttributionConfig`` + ``attribution_scores(task, method)``
 (dataworth's own scores for the task), ``one_step_effects`` (the ``[Q, N]`` effect of one more training
-step on each row: the ground truth of the tail-patch metric, ``evaluate.tail_patch``), and ``eval_lds`` /
+step on each row: the ground truth of the tail-patch metric, ``evaluation.metrics.tail_patch``), and ``eval_lds`` /
 ``eval_brittleness`` / ``eval_facts`` (the CLI).
 
 A retrain file (written atomically when that retrain is done)::
@@ -32,17 +32,17 @@ A retrain file (written atomically when that retrain is done)::
 Retrains: subset ``m`` holds exactly ``round(α·N)`` rows drawn without replacement with a generator seeded by
 ``(seed, m)``; replicate ``r`` of subset ``m`` trains from scratch with its own seed (init + shuffle), so the
 replicates of a subset differ only by training noise — that is what the noise ceiling measures. The loop is
-``dataworth.train``'s (same model builder, AdamW, schedule, clipping, seeded shuffle) on the full-data
-model's tokenizer; with every row and the base seed it reproduces ``dataworth.train`` bit for bit (tested).
+``dataworth.model.train``'s (same model builder, AdamW, schedule, clipping, seeded shuffle) on the full-data
+model's tokenizer; with every row and the base seed it reproduces ``dataworth.model.train`` bit for bit (tested).
 Models are not kept: only the per-query losses.
 
-The query measurement is ``batching.example_losses``, the loss summed over the query's target tokens, with
+The query measurement is ``data.batching.example_losses``, the loss summed over the query's target tokens, with
 ``LdsConfig.measure`` choosing which: ``answer`` (default) — the response tokens only, the same measurement
-``extract.query_gradients`` attributes by default — or ``answer+end`` — the response *and* the end token that
-``data.encode_rows`` appends (what caches made before ``measure`` existed hold; they open as ``answer+end``).
+``gradients.queries.query_gradients`` attributes by default — or ``answer+end`` — the response *and* the end token that
+``data.encode.encode_rows`` appends (what caches made before ``measure`` existed hold; they open as ``answer+end``).
 ``AttributionConfig.measure_end_token`` chooses what the *attribution* measures, so the two can be crossed.
-Sign convention shared with ``dataworth.scoring``: a positive score means the training row *lowers* the query
-loss, so the LDS correlates summed scores with the *negated* loss (``dataworth.evaluate.lds``).
+Sign convention shared with ``dataworth.influence.scores``: a positive score means the training row *lowers* the query
+loss, so the LDS correlates summed scores with the *negated* loss (``dataworth.evaluation.metrics.lds``).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ from dataworth.util import (
     resolve_device,
     say,
     short,
+    torch_threads,
     write_json_atomic,
 )
 
@@ -97,8 +98,8 @@ _RUNTIME_TRAIN_FIELDS = ("threads", "save_every_epoch")
 class LdsConfig:
     """What the retrains are: data, queries, how to train, and which subsets.
 
-    ``data``: training rows spec (``dataworth.data.load_rows``). ``queries``: prompt/response rows whose
-    summed response loss is measured. ``train``: a ``dataworth.train.TrainConfig`` (e.g.
+    ``data``: training rows spec (``dataworth.data.rows.load_rows``). ``queries``: prompt/response rows whose
+    summed response loss is measured. ``train``: a ``dataworth.model.train.TrainConfig`` (e.g.
     ``TrainConfig.from_preset("tiny-test")``). ``alpha``: fraction of rows in each subset, in (0, 1).
     ``subsets``: M ≥ ``MIN_SUBSETS``. ``replicates``: seeds per subset (≥ 2 gives the noise ceiling).
     ``checkpoints``: how many evenly spaced per-epoch checkpoints of the full-data model to keep (checkpoint
@@ -212,7 +213,7 @@ class LdsTask:
         return load_rows(self.config.queries)
 
     def evaluate(self, scores: np.ndarray, n_bootstrap: int = 1000) -> dict:
-        """LDS figures of a ``[Q, N]`` score matrix (``dataworth.evaluate.lds_summary``)."""
+        """LDS figures of a ``[Q, N]`` score matrix (``dataworth.evaluation.metrics.lds_summary``)."""
 
         return lds_summary(scores, self.masks, self.losses, n_bootstrap=n_bootstrap, seed=self.config.seed)
 
@@ -300,22 +301,17 @@ def train_on_rows(encoded: Sequence[Any], tokenizer: Any, config: Any, seed: int
     """A fresh model trained on ``encoded`` with ``config`` and ``seed``; returns (model in eval mode, last
     epoch's mean token loss).
 
-    ``dataworth.train``'s own loop (``train.train_epochs``: AdamW, ``lr_at`` schedule, gradient clipping, a
+    ``dataworth.model.train``'s own loop (``model.train.train_epochs``: AdamW, ``lr_at`` schedule, gradient clipping, a
     seeded shuffle, mean token loss per batch), without writing anything.
     """
 
     config = dataclasses.replace(config, seed=seed, save_every_epoch=False)
     device = resolve_device(config.device)
-    before = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         torch.manual_seed(seed)
         model = build_model(config, tokenizer).to(device)
         _optimizer, epochs = train_epochs(model, encoded, pad_token_id(tokenizer), config, device)
-        return model, epochs[-1]["loss"] if epochs else float("nan")
-    finally:
-        torch.set_num_threads(before)
+    return model, epochs[-1]["loss"] if epochs else float("nan")
 
 
 # Signature of a retrain function: (included row positions, seed) -> (query losses [Q], final train loss).
@@ -347,7 +343,7 @@ def _context(config: LdsConfig, model_dir: Path) -> _Context:
 
 
 def _train_base_model(config: LdsConfig, model_dir: Path, progress: bool) -> None:
-    """The full-data model via ``dataworth.train``; keeps ``config.checkpoints`` evenly spaced epochs."""
+    """The full-data model via ``dataworth.model.train``; keeps ``config.checkpoints`` evenly spaced epochs."""
 
     if (model_dir / TRAIN_JSON).exists():
         return

@@ -7,7 +7,7 @@ final store is byte-identical to an uninterrupted run.
 
 Distributed (``torchrun`` / ``accelerate launch``, see ``docs/distributed.md``): rank ``r`` of ``W`` computes
 the shards ``i ≡ r (mod W)`` with exactly the single-process per-shard computation, writes them with
-``dataworth.store.write_shard_files`` and lists them in its fragment ``manifest.rank-r.json``; rank 0 then
+``dataworth.store.writer.write_shard_files`` and lists them in its fragment ``manifest.rank-r.json``; rank 0 then
 adopts every shard in order, sums the per-shard KFAC partials in shard order and finalizes. The store is
 the same set of files a single process writes. PCA first-pass covariances are all-reduced sums divided by
 the global token / row counts.
@@ -424,20 +424,20 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
             encoded: Sequence[Encoded] | None = None, overwrite: bool = False,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = True,
             stop_after_shards: int | None = None, task=None, batches=None):
-    """Build (or resume) a gradient store; returns the opened `dataworth.store.Store`.
+    """Build (or resume) a gradient store; returns the opened `dataworth.store.reader.Store`.
 
     With only ``config``: loads ``config.model`` and ``config.data``. A ready ``model`` / ``tokenizer`` /
     ``encoded`` rows may be passed instead (custom models, tests). ``stop_after_shards`` stops early
     (tests of resumption; distributed: after this many shards of this rank). ``task`` (a
-    `dataworth.task.Task`) with ``batches`` it understands: any model, rows of ``task.compute_train_loss``
-    (`dataworth.task.extract_with_task`; random/identity projection, single process, not resumable).
+    `dataworth.gradients.task.Task`) with ``batches`` it understands: any model, rows of ``task.compute_train_loss``
+    (`dataworth.gradients.extract.extract_with_task`; random/identity projection, single process, not resumable).
 
     Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), every rank runs this same call:
     ranks first check that their configurations (then model and data fingerprints) agree, then each
     computes its shards and rank 0 merges (module docstring). Every rank returns the finished store.
     """
 
-    if task is not None:  # any nn.Module: the task's per-example loss over its own batches (dataworth.task)
+    if task is not None:  # any nn.Module: the task's per-example loss over its own batches (dataworth.gradients.task)
 
         return extract_with_task(config, model=model, task=task, batches=batches, encoded=encoded,
                                  tokenizer=tokenizer, overwrite=overwrite)
@@ -742,9 +742,9 @@ def extract_with_task(config, *, model: nn.Module | None = None, task: Task, bat
     ``config``: an `ExtractConfig` (``out``, ``projection`` — random or identity —, ranks, seed, dtype,
     ``shard_rows``; ``modules`` other than ``all`` overrides ``task.tracked_modules``). ``batches``: batches
     the task understands (the batch protocol in the module docstring); without them, a language-model task
-    gets `dataworth.batching.Batch` es of ``encoded`` rows (or of ``config.data``, tokenized with the model's
+    gets `dataworth.data.batching.Batch` es of ``encoded`` rows (or of ``config.data``, tokenized with the model's
     tokenizer). Weights are frozen and the model is in eval mode during the pass (both restored). The store
-    equals what `dataworth.logger.watch` would capture in the same batches, and, for a `LanguageModelTask`,
+    equals what `dataworth.gradients.watch.watch` would capture in the same batches, and, for a `LanguageModelTask`,
     what `dw.extract` writes without a task (same rows, same KFAC factors).
     """
     config.check()

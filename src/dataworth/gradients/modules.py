@@ -100,7 +100,7 @@ def resolve_modules(model: nn.Module, modules: str | Sequence[str] = "all") -> l
 
 def modules_spec(modules: str | Sequence[str], chosen: Sequence[tuple[str, nn.Module]]) -> str:
     """The spec recorded in the manifest: the string as given, or an anchored regex of exactly ``chosen``
-    (so `dataworth.extract.store_extractor` reselects the same layers for query gradients)."""
+    (so `dataworth.gradients.queries.store_extractor` reselects the same layers for query gradients)."""
     if isinstance(modules, str):
         return modules
     return "^(?:" + "|".join(re.escape(n) for n, _ in chosen) + ")$"

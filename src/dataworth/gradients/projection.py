@@ -159,7 +159,7 @@ _DENSE_CACHE_BYTES = 1 << 30  # cache the dense projection blocks when they fit 
 
 
 class DenseProjector:
-    """``dataworth.projection.dense_project`` with its Gaussian blocks generated once and kept (when they
+    """``dataworth.gradients.projection.dense_project`` with its Gaussian blocks generated once and kept (when they
     fit in 1 GiB): the same blocks, the same chunked sum, so bit-identical output, without regenerating
     ``d_total × k`` random numbers per batch. `dense_projector` reuses the last one built."""
 

@@ -78,7 +78,7 @@ def query_gradients(store, model: nn.Module, tokenizer, rows, *, max_length: int
                     batch_size: int | None = 8, chat: str = "auto", measure_end_token: bool = False) -> np.ndarray:
     """Projected gradient rows ``[Q, D]`` (float32) of query rows, in the store's layout, not written anywhere.
 
-    ``rows``: `dataworth.data.Row`s (prompt/response: the measurement is the response's summed loss) or
+    ``rows``: `dataworth.data.rows.Row`s (prompt/response: the measurement is the response's summed loss) or
     `Encoded` rows. The end-of-sequence / end-of-turn token that encoding appends is *not* measured unless
     ``measure_end_token``: it is not part of what the model said, and its gradient ("stop here") is shared
     by every document, which drowns the answer's signal (on builtin:bios, dropping it raised EK-FAC

@@ -9,20 +9,20 @@ works, not just a causal LM:
   refused). Store rows are ``∇_W`` of these.
 - ``compute_measurement(batch, model) -> [B]``: the quantity a query asks about, oriented as a *loss*
   (lower = better). Scores are ``s(q, n) = ∇f_qᵀ (F + λI)⁻¹ ∇ℓ_n ≈ -df_q/dε_n``, so a positive score means
-  up-weighting training example ``n`` lowers ``f_q``: it *helps* (the sign convention of `dataworth.scoring`).
+  up-weighting training example ``n`` lowers ``f_q``: it *helps* (the sign convention of `dataworth.influence.scores`).
 - ``tracked_modules(model) -> [names]``: the linear layers whose gradients are kept (default: all of them
   but the output head; only ``nn.Linear`` / HF ``Conv1D`` are supported, anything else is refused by name).
 
 Batch protocol (the minimum dataworth itself relies on): a batch is any object with ``ids`` — one stable
 string id per example, in batch order — and optionally ``to(device)``; everything else is the task's
 business. `Task.token_mask` may return a ``[B, T]`` real-token mask (padding activations are then zeroed);
-without one, every position counts. Two ready batch types: `dataworth.batching.Batch` (tokenized rows with
+without one, every position counts. Two ready batch types: `dataworth.data.batching.Batch` (tokenized rows with
 loss masks; `LanguageModelTask`) and `TensorBatch` (``ids``, ``inputs``, ``targets``;
 `ClassificationMarginTask`, `FunctionTask`).
 
 Ready tasks:
 
-- `LanguageModelTask`: causal-LM loss summed over target tokens (``batching.example_losses``); the
+- `LanguageModelTask`: causal-LM loss summed over target tokens (``data.batching.example_losses``); the
   measurement is the same loss — for prompt/response rows, the response given the prompt.
 - `ClassificationMarginTask`: cross-entropy training loss; measurement ``-margin`` with TRAK's margin
   ``m = z_y - log Σ_{j≠y} exp z_j`` (Park et al. 2023, "TRAK", §3), negated so "lower is better" holds and a
@@ -79,7 +79,7 @@ class Task(ABC):
 
 @dataclass(frozen=True)
 class LanguageModelTask(Task):
-    """Causal LM on `dataworth.batching.Batch`: loss = measurement = summed cross-entropy over target tokens.
+    """Causal LM on `dataworth.data.batching.Batch`: loss = measurement = summed cross-entropy over target tokens.
 
     Example: ``dw.extract(cfg, model=model, encoded=rows, task=LanguageModelTask(modules="mlp"))``.
     """

@@ -58,6 +58,7 @@ from dataworth.gradients.projection import (
 from dataworth.model.load import model_fingerprint
 from dataworth.store.format import KFAC_FILE, STORE_DTYPES, ModuleSpec
 from dataworth.store.writer import StoreWriter
+from dataworth.util import atomic_write
 
 LOGGER_PROJECTIONS = ("random", "identity")
 STAGING_MARKER = "dataworth-staging.json"
@@ -146,11 +147,13 @@ class RowStaging:
     def flush(self) -> None:
         if not self._buffered:
             return
-        path = self.directory / f"{self._parts:05d}.npy"
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.concatenate(self._buffer))
-        os.replace(tmp, path)
+        part = np.concatenate(self._buffer)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a handle: np.save would append ".npy" to the temporary name
+                np.save(fh, part)
+
+        atomic_write(self.directory / f"{self._parts:05d}.npy", save)
         self._parts += 1
         self._buffer, self._buffered = [], 0
 
@@ -288,7 +291,7 @@ class GradientLogger:
             "model": {"fingerprint": model_fingerprint(self.model) if fingerprint else None, "path": "",
                       "captured": "during training (rows come from the weights at each capture)"},
             "data": {"fingerprint": ids_digest, "spec": "captured", "rows": len(self.staging.order)},
-            "config": {**asdict(cfg), "source": "dataworth.logger", "module_info": self.layout, "max_length": None,
+            "config": {**asdict(cfg), "source": "dataworth.gradients.watch", "module_info": self.layout, "max_length": None,
                        "captured_examples": self.captured, "measured_captures": self.measured_captures,
                        "declared_captures": self.declared_captures},
         }
@@ -301,7 +304,7 @@ def watch(model: nn.Module, modules: str | Sequence[str] | None = None, projecti
     """``dw.watch``: attach a gradient logger to ``model`` for a custom training loop; see the module docstring.
 
     ``modules``: ``all|mlp|attn|regex`` or a list of layer names (default: ``task.tracked_modules(model)``
-    when a `dataworth.task.Task` is given, else ``all``). ``rank`` sets both LoGra ranks unless
+    when a `dataworth.gradients.task.Task` is given, else ``all``). ``rank`` sets both LoGra ranks unless
     ``rank_in`` / ``rank_out`` are given. ``out``: where `GradientLogger.finalize` writes the store (an
     existing store there is refused unless ``replace=True``; a non-empty non-store directory always is).
 

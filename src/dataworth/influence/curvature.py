@@ -6,7 +6,7 @@ with Influence Functions", §3) shows that in the *projected* space (``k_out × 
 small enough to fit exactly or with a Kronecker factorisation, block-diagonal across modules. Fitting is a
 streaming pass over the store (never the model); preconditioning is a handful of small matrix products.
 
-Layout (the store contract, DESIGN.md "Store on disk"): a row is the concatenation over modules of
+Layout (the store contract, docs/design.md "Store on disk"): a row is the concatenation over modules of
 ``Ĝ`` (``k_out × k_in``) flattened ROW-MAJOR, so the vector index of ``Ĝ[o, i]`` is ``o * k_in + i``.
 In that ordering ``vec(s aᵀ) = s ⊗ a`` and the KFAC approximation is ``F ≈ S ⊗ A`` (``S`` outer).
 Modules stored ``in_out`` (``Ĝᵀ``, HF Conv1D) are transposed back to ``Ĝ`` before the Kronecker algebra.

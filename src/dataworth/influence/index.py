@@ -1,6 +1,6 @@
 """Approximate top-k over huge stores with a FAISS index, and its recall against exact search.
 
-Why a module of its own: exact scoring reads every store row once per query batch (``dataworth.scoring``);
+Why a module of its own: exact scoring reads every store row once per query batch (``dataworth.influence.scores``);
 for billions of rows and interactive queries an approximate nearest-neighbour index answers top-k in
 sub-linear time. It is optional (``pip install 'dataworth[faiss]'`` installs ``faiss-cpu``) and never
 replaces exact scoring silently: `index_recall` measures, on the store's own data, how many of the exact
@@ -8,7 +8,7 @@ top-k rows the index returns (recall@k), and ``dataworth index recall`` prints i
 
 What is indexed: the raw store rows ``ĝ_n`` (float32) under the inner-product metric. A query is
 preconditioned first (``p_q = (F + λI)⁻¹ ĝ_q``, the fitted curvature), so the index ranks rows by
-``p_qᵀ ĝ_n = s(q, n)`` — the ``dot`` score of ``dataworth.scoring``. The most *negative* rows are the top-k
+``p_qᵀ ĝ_n = s(q, n)`` — the ``dot`` score of ``dataworth.influence.scores``. The most *negative* rows are the top-k
 of ``−p_q``. (``cosine`` / ``relative`` re-normalise per row and are not served by this index.)
 
 Files (inside the store): ``index/faiss.index`` (FAISS's own binary format, read with ``faiss.read_index``;
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import numpy as np
@@ -28,6 +27,7 @@ from dataworth.errors import InputError
 from dataworth.influence.curvature import load_curvature
 from dataworth.influence.scores import score_rows
 from dataworth.store.reader import open_store
+from dataworth.util import atomic_write, write_json_atomic
 
 INDEX_FILE = "index/faiss.index"
 INDEX_META = "index/faiss.json"
@@ -80,14 +80,8 @@ def build_index(store_path, factory: str | None = None, block_rows: int = DEFAUL
     meta = {"format": "dataworth-faiss-index", "version": 1, "factory": factory, "rows": store.rows,
             "dim": store.dim, "metric": "inner_product", "ids_sha256": store.manifest["ids"]["sha256"],
             "build_s": round(time.perf_counter() - started, 6)}
-    target = store.path / INDEX_FILE
-    target.parent.mkdir(exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, target)
-    tmp_meta = store.path / f"{INDEX_META}.tmp-{os.getpid()}"
-    tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp_meta, store.path / INDEX_META)
+    atomic_write(store.path / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
+    write_json_atomic(store.path / INDEX_META, meta, indent=1, sort_keys=False)
     return meta
 
 

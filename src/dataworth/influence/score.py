@@ -93,11 +93,11 @@ def score(
 ) -> Scores:
     """``dw.score``: influence of every row of the store at ``store_path`` on each query.
 
-    With a ``task`` (`dataworth.task.Task`, any model): ``model`` is the ``nn.Module`` and ``queries`` are
+    With a ``task`` (`dataworth.gradients.task.Task`, any model): ``model`` is the ``nn.Module`` and ``queries`` are
     batches the task understands; the measurement is ``task.compute_measurement`` (this hands off to
-    `dataworth.task.score_with_task`).
+    `dataworth.influence.score.score_with_task`).
 
-    ``queries``: a data spec for ``dataworth.data.load_rows`` (JSONL from ``generate`` with prompt/response —
+    ``queries``: a data spec for ``dataworth.data.rows.load_rows`` (JSONL from ``generate`` with prompt/response —
     the measurement is the summed loss of the response given the prompt — or text, messages, any dataset
     spec), or a list of ``Row``. ``model``: a model spec (default: the store's recorded
     ``manifest["config"]["model"]``) or a ``LoadedModel``; its fingerprint must equal the store's
@@ -216,7 +216,7 @@ def score_stream(
     D)`` whatever the number of training rows (their ids and tokens are still held, as ``load_rows`` reads
     them all). ``queries``: prompt/response rows (or any data spec, or a list of ``Row``); the measurement
     is the response's summed loss — the end token that encoding appends is not measured, as in
-    ``extract.query_gradients``.
+    ``gradients.queries.query_gradients``.
 
     Curvature is ``none`` only (``F + λI`` replaced by ``I``): ``dot`` is ``s(q, n) = ĝ_qᵀ ĝ_n``,
     ``cosine`` is ``cos(ĝ_q, ĝ_n)``. Preconditioned scores (raw / kfac / ekfac) need the curvature fitted on
@@ -344,7 +344,7 @@ def score_with_task(store, model: nn.Module, task: Task, query_batches: Iterable
     """``dw.score`` for any model: influence of every store row on each query's ``task.compute_measurement``.
 
     The curvature must have been fitted (``dw.fit(store, curvature)``) unless ``none``; see
-    `dataworth.scoring.score_rows` for modes and outputs. Positive = the training example helps the query.
+    `dataworth.influence.scores.score_rows` for modes and outputs. Positive = the training example helps the query.
     """
 
     store = store if hasattr(store, "manifest") else open_store(store)

@@ -2,7 +2,7 @@
 
 Why a module of its own: the responses generated here become the *queries* whose influence dataworth
 measures, so the prompt tokens must be exactly those the later stages rebuild from the same text:
-``dataworth.data.prompt_token_ids(prompt, tokenizer, chat)`` (the chat template for instruct models, else
+``dataworth.data.encode.prompt_token_ids(prompt, tokenizer, chat)`` (the chat template for instruct models, else
 ``[bos] + tokens``). Generation stops at eos or the end-of-turn token of the chat format.
 
 Batching: prompts are sorted by length, left-padded (pad attention 0, positions counted from the first
@@ -13,7 +13,6 @@ the prompt gets alone (tested), so ``batch_size`` only changes speed.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ import torch
 from dataworth.data.encode import prompt_token_ids
 from dataworth.errors import InputError
 from dataworth.model.load import LoadedModel, load_model
-from dataworth.util import pad_token_id
+from dataworth.util import pad_token_id, write_jsonl_atomic
 
 # Tokens that end an assistant turn in common chat formats, besides eos; used only if they are single
 # special/added tokens of the tokenizer.
@@ -210,9 +209,9 @@ def generate(
     returns the rows.
 
     ``model`` is ``"<spec>@<first 12 hex of the fingerprint>"`` for people; ``model_fingerprint`` the full
-    ``models.model_fingerprint``, which ``dataworth score`` checks against the store's model. ``response`` is the
+    ``model.load.model_fingerprint``, which ``dataworth score`` checks against the store's model. ``response`` is the
     decoded generated text with special tokens skipped and nothing stripped, so ``prompt`` + ``response``
-    re-encode (``data.encode_rows`` with the same ``chat``) to the tokens the model saw and produced.
+    re-encode (``data.encode.encode_rows`` with the same ``chat``) to the tokens the model saw and produced.
     """
 
     prompts = read_prompts(prompts_path)
@@ -234,11 +233,5 @@ def generate(
 
 
 def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
-    """Write ``rows`` as UTF-8 JSONL through ``path.tmp-<pid>`` + ``os.replace`` (never a half file)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    """Write ``rows`` as UTF-8 JSONL atomically (never a half file)."""
+    write_jsonl_atomic(path, rows)

@@ -2,7 +2,7 @@
 
 Why a module of its own: retrains measure their query losses, one-step effects measure the queries before
 and after a step, LESS evaluates held-out loss and the pre-filter reads losses and hidden states. All of them
-run the same no-grad forward over padded batches and read ``batching.example_losses`` (the loss *summed* over
+run the same no-grad forward over padded batches and read ``data.batching.example_losses`` (the loss *summed* over
 each row's target tokens); each only chooses its batches and what it keeps.
 """
 

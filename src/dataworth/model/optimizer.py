@@ -93,9 +93,9 @@ def load_optimizer_state(ckpt_dir: str | Path) -> tuple[dict[str, dict[str, torc
 
 
 def final_optimizer_dir(model_dir: str | os.PathLike) -> Path | None:
-    """The directory holding the final AdamW state of a ``dataworth.train`` run, or None.
+    """The directory holding the final AdamW state of a ``dataworth.model.train`` run, or None.
 
-    ``train`` writes it to ``model_dir/checkpoints/epoch-<last>/`` (``train.OPTIMIZER_TENSORS`` and
+    ``train`` writes it to ``model_dir/checkpoints/epoch-<last>/`` (``model.optimizer.OPTIMIZER_TENSORS`` and
     ``OPTIMIZER_JSON``), not to ``model_dir`` itself; a directory holding both files (a checkpoint) is returned
     as is.
     """

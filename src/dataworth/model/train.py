@@ -4,7 +4,7 @@ Why a module of its own: dataworth's built-in default needs a model whose traini
 toolkit trains its own tiny model on ``builtin:bios`` in a few CPU minutes; LESS needs a LoRA warm-up that
 leaves, per epoch, the Adam moments of every LoRA weight and the epoch's average learning rate η̄.
 
-Loss: mean over the batch's target tokens, ``L = Σ_b Σ_t ce[b,t]·mask[b,t] / Σ mask`` (``batching.token_losses``);
+Loss: mean over the batch's target tokens, ``L = Σ_b Σ_t ce[b,t]·mask[b,t] / Σ mask`` (``data.batching.token_losses``);
 the per-example *sum* convention matters for gradients stored later, not for training.
 
 Schedule (``lr_at``): linear warm-up from ``peak/warmup`` to ``peak`` over ``warmup`` steps, then cosine decay
@@ -23,7 +23,7 @@ Outputs of ``train(data, out, config)``::
 
 Parameter names in the optimizer files are ``model.named_parameters()`` names of the trained model — for
 LoRA, the ``PeftModel`` names (``base_model.model.….lora_A.default.weight``), which is what
-``models.load_model(checkpoint_dir)`` reproduces. No pickle anywhere.
+``model.load.load_model(checkpoint_dir)`` reproduces. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<|system|>", "<|user
 TRAIN_JSON = "dataworth_train.json"
 
 # open-instruct (Tülu) chat format, given to a from-scratch tokenizer when the corpus has messages rows, so
-# that generation prompts (``data.prompt_token_ids``) match the training format token for token.
+# that generation prompts (``data.encode.prompt_token_ids``) match the training format token for token.
 OPEN_INSTRUCT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
@@ -124,7 +124,7 @@ class TrainConfig:
     """Everything that decides a training run (serialised into ``dataworth_train.json``).
 
     Architecture (from-scratch mode only): ``arch`` is ``"llama"`` or ``"gpt_neox"``; ``vocab_size`` is the
-    BPE vocabulary trained on the corpus. Fine-tuning: ``base`` is a model spec (see ``models.load_model``);
+    BPE vocabulary trained on the corpus. Fine-tuning: ``base`` is a model spec (see ``model.load.load_model``);
     its tokenizer is kept and the architecture fields are ignored; ``lora=True`` trains only LoRA adapters
     on ``lora_targets`` (module-name suffixes); ``merge_lora=True`` makes ``out/`` the merged model (a normal
     HF dir) with the adapter in ``out/adapter``, ``False`` makes ``out/`` the adapter itself (saves a full
@@ -337,7 +337,7 @@ def _query_fields(query: Any) -> tuple[str, str]:
 def fact_accuracy(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Any], batch_size: int = 64,
                   chat: str = "auto") -> float:
     """Fraction of ``queries`` (rows or dicts with ``prompt``/``response``) whose greedy continuation of
-    ``data.prompt_token_ids(prompt)`` matches the expected response (``response_matches``).
+    ``data.encode.prompt_token_ids(prompt)`` matches the expected response (``response_matches``).
 
     Decodes ``max(len(tokens(response))) + 4`` new tokens (stopping at eos), so a correct answer is followed
     by whatever the model says next and "Paris" cannot pass for "Parisian" by running out of tokens.
@@ -430,7 +430,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.o
 def train_epochs(model, encoded: Sequence[Encoded], pad_id: int, config: TrainConfig, device: torch.device, *,
                  on_step: Callable | None = None, on_epoch: Callable | None = None
                  ) -> tuple[torch.optim.AdamW, list[dict]]:
-    """The AdamW loop, shared by `train` and ``retrain.train_on_rows`` (so a retrain on every row with the base
+    """The AdamW loop, shared by `train` and ``evaluation.retrain.train_on_rows`` (so a retrain on every row with the base
     seed *is* `train`, bit for bit): a ``torch.Generator`` shuffle seeded with ``config.seed`` per epoch,
     per-step lr from ``lr_at``, the mean token loss of each batch, gradient clipping.
 
@@ -529,7 +529,7 @@ def _save_final(model, tokenizer, out: Path, config: TrainConfig, base_spec: str
 
     LoRA with ``merge_lora``: ``out/adapter`` holds the unmerged adapter and ``out`` the merged model, so
     ``out`` is a normal HF directory (``AutoModelForCausalLM.from_pretrained(out)`` works) whatever the base
-    spec was. Without: ``out`` is the adapter (``models.load_model(out)`` rebuilds base + adapter).
+    spec was. Without: ``out`` is the adapter (``model.load.load_model(out)`` rebuilds base + adapter).
     """
 
     staging = out.with_name(out.name + _TMP_SUFFIX)

@@ -1,11 +1,11 @@
 """The data-value ledger: what each training document — and each data source — is worth over a query set.
 
 Why a module of its own: the question in LoGra's title ("What is your data worth to GPT?") is asked per
-*data provider* as often as per document. The ledger turns a scores directory (``dataworth.scoring``) into one
+*data provider* as often as per document. The ledger turns a scores directory (``dataworth.influence.scores``) into one
 row per training document, or per value of any metadata field of the training rows (``source``, ``task``,
 ``person``, …), with the same columns either way, so it can be read as a CSV/parquet or as a report section.
 
-For ``Q`` queries, training rows ``n`` and scores ``s(q, n)`` (sign convention of ``dataworth.scoring``:
+For ``Q`` queries, training rows ``n`` and scores ``s(q, n)`` (sign convention of ``dataworth.influence.scores``:
 positive = the row helps the query):
 
     positive_sum(n) = Σ_q max(s(q, n), 0)        negative_sum(n) = Σ_q min(s(q, n), 0)

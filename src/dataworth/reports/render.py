@@ -70,7 +70,7 @@ class QueryView:
     rows: dict[str, pd.DataFrame]
     documents: dict[tuple[str, int], ShownDocument] = field(default_factory=dict)
     plot: bytes | None = None
-    row: object = None  # the query's dataworth.data.Row
+    row: object = None  # the query's dataworth.data.rows.Row
 
 
 def displayable(text: str) -> str:

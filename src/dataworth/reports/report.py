@@ -92,7 +92,7 @@ def row_parts(row) -> list[tuple[str, str]]:
 
 
 def mode_denominators(mode: str, curvature, preconditioned64: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
-    """``[Q, B]`` divisors turning dot-product contributions into the score's mode (``dataworth.scoring``):
+    """``[Q, B]`` divisors turning dot-product contributions into the score's mode (``dataworth.influence.scores``):
     1 for dot, ``‖p_q‖ ‖ĝ_n‖`` for cosine, ``s(n, n)`` for relative; 0 where the score is defined as 0."""
     q, b = preconditioned64.shape[0], train_rows.shape[0]
     if mode == "dot":

@@ -12,13 +12,13 @@ steps read only what the previous step wrote into one run directory, so each can
     RUN/features/features.json               checkpoints (path, η̄) in order, measured seconds per store
     RUN/selected/<task>/scores.parquet       the full score table (every pool row)
     RUN/selected/<task>/top_p<P>.jsonl       the selection: original rows + "score", best first
-    RUN/final/<task>/                        LoRA fine-tuned on the selection (dataworth.train output)
+    RUN/final/<task>/                        LoRA fine-tuned on the selection (dataworth.model.train output)
     RUN/eval/<task>.json                     held-out test loss and exact-match accuracy
 
 The mathematics (tests check each against a hand computation):
 
 1. Warm-up: LoRA on a random ``warmup_percent`` % of the pool for ``warmup_epochs`` epochs with AdamW,
-   a checkpoint per epoch (``dataworth.train``), each with its Adam moments ``m, v``, step count and the
+   a checkpoint per epoch (``dataworth.model.train``), each with its Adam moments ``m, v``, step count and the
    epoch's average learning rate ``η̄``.
 2. Per-example gradients ``g`` of the LoRA weights (every ``lora_A`` / ``lora_B`` ``nn.Linear``, flattened
    module by module, each row-major ``d_out × d_in`` = that weight's ``.grad`` layout) of the example's
@@ -75,7 +75,7 @@ from dataworth.model.optimizer import (
     load_adam_state,
 )
 from dataworth.model.train import TrainConfig, train
-from dataworth.store.format import ModuleSpec
+from dataworth.store.format import STORE_DTYPES, ModuleSpec
 from dataworth.store.reader import open_store
 from dataworth.store.writer import StoreWriter
 from dataworth.util import (
@@ -85,6 +85,7 @@ from dataworth.util import (
     say,
     torch_threads,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 
 LORA_MODULES = r"lora_[AB]\."
@@ -156,7 +157,7 @@ class SelectConfig:
              f"must be one of {', '.join(ADAM_CONVENTIONS)}, got {self.adam_convention!r}"),
             (self.aggregate in AGGREGATES, "aggregate", f"must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}"),
             (self.across in AGGREGATES, "across", f"must be one of {', '.join(AGGREGATES)}, got {self.across!r}"),
-            (self.dtype in ("float16", "bfloat16", "float32"), "dtype", f"must be float16, bfloat16 or float32, got {self.dtype!r}"),
+            (self.dtype in STORE_DTYPES, "dtype", f"must be float16, bfloat16 or float32, got {self.dtype!r}"),
         ]
         for ok, flag, message in checks:
             if not ok:
@@ -606,7 +607,7 @@ def match(config: SelectConfig, task: str) -> dict:
 
 
 def lora_train_config(config: SelectConfig, epochs: int, seed: int | None = None):
-    """The ``dataworth.train`` LoRA configuration shared by warm-up and final fine-tuning."""
+    """The ``dataworth.model.train`` LoRA configuration shared by warm-up and final fine-tuning."""
 
     return TrainConfig.from_preset(
         "lora", base=config.base, epochs=epochs, lr=config.lr, batch_size=config.batch_size,
@@ -618,11 +619,7 @@ def lora_train_config(config: SelectConfig, epochs: int, seed: int | None = None
 
 def write_rows(rows: Sequence, path: str | Path) -> Path:
     """Original rows (``"id"`` added when missing) as JSONL, atomically."""
-    lines = [json.dumps(r.data if "id" in r.data else {"id": r.id, **r.data}, ensure_ascii=False) for r in rows]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
-    return path
+    return write_jsonl_atomic(path, (r.data if "id" in r.data else {"id": r.id, **r.data} for r in rows))
 
 
 def warmup(config: SelectConfig, progress: bool = True):

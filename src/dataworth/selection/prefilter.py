@@ -197,7 +197,7 @@ def evaluate_prefilter(true_scores: np.ndarray, features: np.ndarray, config: Pr
 def run_prefilter(select_config, task: str, config: PrefilterConfig = PrefilterConfig()) -> dict:
     """Evaluate the pre-filter on a LESS run whose features are complete, for ``task``.
 
-    True labels: the run's LESS scores (`dataworth.select.compute_scores`, with the run's ``aggregate``
+    True labels: the run's LESS scores (`dataworth.selection.less.compute_scores`, with the run's ``aggregate``
     and ``across``), known for every row so recall can be measured. Cheap features from the frozen base
     model. Gradient cost per row: the run's measured pool-feature seconds summed over checkpoints (CPU
     time of the process on a CPU device, wall-clock otherwise; ``metrics["clock"]`` says which).

@@ -5,7 +5,7 @@ extraction wrote, possibly on another machine, possibly from a store someone els
 small, boring thing — plain ``.npy`` shards, parquet side tables, safetensors for curvature, and one JSON
 manifest that is validated on reopen. Nothing is pickled: opening a stranger's store runs no code.
 
-Layout (``DESIGN.md``, "Store on disk")::
+Layout (``docs/design.md``, "Store on disk")::
 
     manifest.json                 format, version, complete, rows, dim, dtype, modules, projection,
                                   model, data, config, shard_rows, shards[{file, rows, sha256, first_row,

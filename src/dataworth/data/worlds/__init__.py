@@ -4,7 +4,7 @@ Why they exist: attribution and data selection are only checkable when we know w
 come out on top. Each world is generated in pure Python from a seed (``random.Random``, never global state),
 so the same spec gives byte-identical rows on every machine.
 
-``builtin_rows(name, split, params)`` is what ``dataworth.data.load_rows("builtin:NAME[:SPLIT][?k=v&...]")``
+``builtin_rows(name, split, params)`` is what ``dataworth.data.rows.load_rows("builtin:NAME[:SPLIT][?k=v&...]")``
 calls; parameters arrive as strings and are validated here. Typed APIs: ``make_bios(BiosConfig(...))`` and
 ``make_instruct(InstructConfig(...))``.
 """
