@@ -2,7 +2,7 @@
 
 Setting (``builtin:instruct``, everything trained here on CPU, nothing downloaded):
 
-- base model: a tiny Llama trained from scratch (``dataworth.train``) on the pool's *chat* rows plus the
+- base model: a tiny Llama trained from scratch (``dataworth.model.train``) on the pool's *chat* rows plus the
   ``builtin:bios`` documents (generic text with names, dates and numbers, so digit tokens are trained),
   i.e. a model that knows the chat format and some English but none of the target tasks;
 - pool: ``builtin:instruct?pool=N`` (each target family a 6-10 % minority, 61 % chat); validation rows

@@ -105,7 +105,7 @@ def ratio(ours: float | None, theirs: float | None) -> float | None:
 
 
 def lds_fallback(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> float:
-    """LDS (Park et al. 2023, §2.2), used only when ``dataworth.evaluate`` has no LDS yet.
+    """LDS (Park et al. 2023, §2.2), used only when ``dataworth.evaluation.metrics`` has no LDS yet.
 
     ``scores [Q, N]``, ``masks [M, N]`` bool, ``losses [M, Q]`` (mean over replicates). Per query:
     Spearman correlation over subsets of ``Σ_{n∈S_m} s(q, n)`` with ``−loss_m(q)`` (positive score = lowers

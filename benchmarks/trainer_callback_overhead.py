@@ -33,9 +33,9 @@ def child(args: argparse.Namespace) -> None:
     import custom_loop_lm
     import hf_trainer_callback
 
-    import dataworth.logger  # noqa: F401 - imported before timing in both modes: imports are not training
-    import dataworth.models  # noqa: F401
-    import dataworth.store  # noqa: F401
+    import dataworth.gradients.watch  # noqa: F401 - imported before timing in both modes: imports are not training
+    import dataworth.model.load  # noqa: F401
+    import dataworth.store.writer  # noqa: F401
 
     docs, _, _ = custom_loop_lm.corpus(args.people)
     capture = args.epochs if args.mode == "capture" else 0

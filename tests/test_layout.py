@@ -127,3 +127,16 @@ def test_imports_of_dataworth_modules_are_at_module_level_outside_the_cli():
 @pytest.mark.parametrize("name", sorted(dataworth._API))
 def test_public_names_live_in_stage_modules(name):
     assert dataworth._API[name] in MODULES and stage(dataworth._API[name]) in LAYER
+
+
+def test_docs_api_indexes_every_module():
+    text = (PACKAGE.parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    listed = set(re_module_headings(text))
+    missing = sorted(m for m in MODULES if m != "dataworth" and stage(m) not in ("cli", "__main__") and m not in listed)
+    assert not missing, f"docs/api.md has no '### `module` — …' line for {missing}"
+
+
+def re_module_headings(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"^### `(dataworth[\w.]*)` — ", text, flags=re.M)

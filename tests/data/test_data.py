@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sys
 import tempfile
-import types
 from pathlib import Path
 
 import pytest
