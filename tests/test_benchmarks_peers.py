@@ -111,10 +111,9 @@ def test_one_step_sign_check_truth_is_a_watched_weights_sgd_step_with_the_median
     import torch
 
     from dataworth.data.batching import collate, example_losses
-    from dataworth.data.encode import encode_rows
+    from dataworth.data.encode import encode_rows, measured_queries
     from dataworth.data.rows import load_rows
     from dataworth.gradients.modules import select_modules
-    from dataworth.data.encode import measured_queries
 
     copy.deepcopy(tiny_llama).save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")

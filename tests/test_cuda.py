@@ -16,13 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from dataworth.gradients.extract import ExtractConfig, Extractor, encoded_rows_for, extract
-from dataworth.gradients.projection import build_projections
-from dataworth.gradients.modules import select_modules
-
 from conftest import CORPUS, build_gpt2, build_llama
 from test_extract import as_out_in, mixed_rows, per_sample_grads
+
+from dataworth.gradients.extract import (
+    ExtractConfig,
+    Extractor,
+    encoded_rows_for,
+    extract,
+)
+from dataworth.gradients.modules import select_modules
+from dataworth.gradients.projection import build_projections
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

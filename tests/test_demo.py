@@ -49,9 +49,9 @@ def test_fact_table_has_tail_patch_for_every_method_and_the_reference_rows(demo)
     """Every row carries tail-patch@10; the figures are `evaluate.tail_patch` of that row's scores over the
     one-step effects (recomputed here for BM25 and the oracle); gold documents have recall 1 by construction."""
     from dataworth.data.rows import load_rows
+    from dataworth.evaluation.baselines import bm25_scores
     from dataworth.evaluation.effects import answer_effects
     from dataworth.evaluation.facts import format_table, gold_positions
-    from dataworth.evaluation.baselines import bm25_scores
     from dataworth.evaluation.metrics import mean_effect, tail_patch
     from dataworth.model.load import load_model
     from dataworth.store.reader import open_store

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_llama
 
 from dataworth import distributed as D
 from dataworth.errors import InputError
-
-from conftest import build_llama
 
 SHARD_ROWS = 3
 N_ROWS = 20
@@ -161,8 +160,8 @@ def test_killed_rank_resumes_with_the_same_command_and_equals_the_single_process
 def test_disagreeing_ranks_are_refused_then_distributed_fit_score_and_pca_equal_single_process(
         world, reference, tmp_path):
     import dataworth as dw
-    from dataworth.influence.curvature import load_curvature
     from dataworth.gradients.extract import extract
+    from dataworth.influence.curvature import load_curvature
     from dataworth.influence.scores import load_scores
     from dataworth.store.reader import open_store
 
@@ -350,8 +349,8 @@ def test_tight_budget_splits_queries_into_batches_one_store_pass_each(tmp_path):
 def test_autocast_bf16_keeps_projections_float32_and_rows_close(tiny_tokenizer):
     from dataworth.data.batching import Encoded, collate
     from dataworth.gradients.extract import Extractor, encoded_rows_for
-    from dataworth.gradients.projection import build_projections
     from dataworth.gradients.modules import select_modules
+    from dataworth.gradients.projection import build_projections
 
     model = build_llama(len(tiny_tokenizer), seed=3)
     g = torch.Generator().manual_seed(0)

@@ -64,7 +64,6 @@ class DemoResult:
 
 def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     """Run (or resume) the demo under ``config.out``; prints figures and returns them."""
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     data_spec = f"builtin:bios{config.world}"

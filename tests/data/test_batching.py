@@ -2,7 +2,13 @@
 
 import torch
 
-from dataworth.data.batching import Encoded, collate, example_losses, plan_batches, token_losses
+from dataworth.data.batching import (
+    Encoded,
+    collate,
+    example_losses,
+    plan_batches,
+    token_losses,
+)
 
 
 def test_example_loss_equals_hand_sum_over_target_tokens_only():

@@ -16,10 +16,16 @@ from hypothesis import strategies as st
 
 import dataworth
 import dataworth.data.rows
-from dataworth.data.batching import example_losses
-from dataworth.data.encode import EncodeReport, data_fingerprint, encode_row, encode_rows, end_of_turn_id, prompt_token_ids
+from dataworth.data.batching import batches, example_losses
+from dataworth.data.encode import (
+    EncodeReport,
+    data_fingerprint,
+    encode_row,
+    encode_rows,
+    end_of_turn_id,
+    prompt_token_ids,
+)
 from dataworth.data.rows import Row, load_rows, load_rows_report
-from dataworth.data.batching import batches
 from dataworth.errors import InputError
 
 SIMPLE_TEMPLATE = (

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataworth.errors import InputError
 from dataworth.data.worlds import BUILTIN_NAMES, builtin_rows
 from dataworth.data.worlds.bios import BiosConfig, make_bios
 from dataworth.data.worlds.instruct import InstructConfig, make_instruct
+from dataworth.errors import InputError
 
 BIOS_SPLITS = ("train", "queries", "questions")
 INSTRUCT_SPLITS = ("train", "valid", "test")

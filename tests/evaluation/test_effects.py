@@ -11,8 +11,8 @@ import torch
 
 from dataworth.data.batching import Encoded, collate, example_losses
 from dataworth.errors import InputError
-from dataworth.model.optimizer import final_optimizer_dir
 from dataworth.evaluation.effects import one_step_effects
+from dataworth.model.optimizer import final_optimizer_dir
 
 TRAIN_TEXTS = ["Alice Smith was born in Paris on 3 May 1970.", "Bob Jones studied physics at Oxford.",
                "The capital of France is Paris."]

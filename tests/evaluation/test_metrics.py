@@ -3,10 +3,23 @@ bootstrap interval, removal summaries."""
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dataworth.evaluation.baselines import bm25_scores
-from dataworth.evaluation.metrics import bootstrap_interval, fact_tracing_metrics, lds, lds_summary, mean_effect, noise_ceiling, ranks, removal_summary, subset_predictions, tail_patch, top_k_rows
+from dataworth.evaluation.metrics import (
+    bootstrap_interval,
+    fact_tracing_metrics,
+    lds,
+    lds_summary,
+    mean_effect,
+    noise_ceiling,
+    ranks,
+    removal_summary,
+    subset_predictions,
+    tail_patch,
+    top_k_rows,
+)
 
 
 def test_ranks_break_ties_by_row_order():

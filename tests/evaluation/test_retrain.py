@@ -10,11 +10,18 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dataworth.errors import InputError
-from dataworth.evaluation.retrain import LdsConfig, MIN_SUBSETS, build_lds_task, load_lds_task, subset_masks
 from dataworth.evaluation.lds import removal_test
+from dataworth.evaluation.retrain import (
+    MIN_SUBSETS,
+    LdsConfig,
+    build_lds_task,
+    load_lds_task,
+    subset_masks,
+)
 
 WORLD = "?people=3&distractors=2"  # 3 people × 3 docs + 2 distractors = 11 rows, 15 queries
 N_ROWS, N_QUERIES = 11, 15
@@ -128,9 +135,8 @@ def test_answer_measure_is_the_response_loss_without_the_end_token(tiny_tokenize
     import torch
 
     from dataworth.data.batching import collate, example_losses, token_losses
+    from dataworth.data.encode import encode_rows, measured_queries
     from dataworth.data.rows import Row
-    from dataworth.data.encode import encode_rows
-    from dataworth.data.encode import measured_queries
 
     rows = [Row("q", "prompt_response", {"prompt": "Alice was born in", "response": " Paris."}, "test:1")]
     encoded, _ = encode_rows(rows, tiny_tokenizer, max_length=64)
@@ -192,8 +198,8 @@ def test_retrain_on_all_rows_with_the_base_seed_reproduces_dataworth_train(tmp_p
 
     from dataworth.data.encode import encode_rows
     from dataworth.data.rows import load_rows
-    from dataworth.model.load import load_model
     from dataworth.evaluation.retrain import train_on_rows
+    from dataworth.model.load import load_model
     from dataworth.model.train import TrainConfig, train
 
     cfg = TrainConfig.from_preset("tiny-test", epochs=1)

@@ -9,15 +9,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import build_gpt2, build_llama, build_neox
 from torch.func import functional_call, grad
 
 from dataworth.data.batching import Encoded, collate, example_losses
-from dataworth.gradients.extract import ExtractConfig, Extractor, encoded_rows_for, extract
-from dataworth.gradients.projection import build_projections
+from dataworth.gradients.extract import (
+    ExtractConfig,
+    Extractor,
+    encoded_rows_for,
+    extract,
+)
 from dataworth.gradients.modules import select_modules
-from dataworth.gradients.projection import random_projection
-
-from conftest import build_gpt2, build_llama, build_neox
+from dataworth.gradients.projection import build_projections, random_projection
 
 
 def mixed_rows(vocab: int, n: int = 6, seed: int = 0) -> list[Encoded]:

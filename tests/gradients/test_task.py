@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_llama
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -14,12 +15,15 @@ import dataworth as dw
 from dataworth.data.batching import Encoded
 from dataworth.errors import InputError
 from dataworth.gradients.extract import ExtractConfig, extract
-from dataworth.gradients.task import ClassificationMarginTask, FunctionTask, LanguageModelTask, classification_margin, tensor_batches
 from dataworth.gradients.queries import measurement_gradients
+from dataworth.gradients.task import (
+    ClassificationMarginTask,
+    FunctionTask,
+    LanguageModelTask,
+    classification_margin,
+    tensor_batches,
+)
 from dataworth.influence.score import score_with_task
-
-from conftest import build_llama
-
 
 
 def mlp(seed: int = 0) -> nn.Module:

@@ -8,17 +8,16 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import build_gpt2, build_llama
 from torch.func import functional_call, grad
 
 import dataworth as dw
 from dataworth.data.batching import Encoded, collate, example_losses
 from dataworth.errors import InputError
 from dataworth.gradients.extract import ExtractConfig, extract
+from dataworth.gradients.modules import select_modules
 from dataworth.gradients.queries import query_gradients
 from dataworth.gradients.watch import watch
-from dataworth.gradients.modules import select_modules
-
-from conftest import build_gpt2, build_llama
 
 VOCAB = 60
 

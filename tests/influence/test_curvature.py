@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_test_store
 
-from dataworth.influence import curvature as C
 from dataworth.errors import InputError
+from dataworth.influence import curvature as C
 from dataworth.store.format import ModuleSpec, modules_layout
 from dataworth.store.reader import open_store
-
-from conftest import write_test_store
 
 HEADER = {"projection": {"kind": "identity"}, "model": {"fingerprint": "test-model"}, "data": {}, "config": {}}
 

@@ -14,16 +14,15 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_test_store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dataworth.errors import InputError
 from dataworth.influence import curvature as C
 from dataworth.influence import score as SC
 from dataworth.influence import scores as S
-from dataworth.errors import InputError
 from dataworth.store.format import modules_layout
-
-from conftest import write_test_store
 
 HEADER = {"projection": {"kind": "identity"}, "model": {"fingerprint": "fp-store"},
           "data": {}, "config": {"model": "tiny-model-dir"}}
@@ -394,9 +393,9 @@ def test_score_end_to_end_equals_autograd_gradient_dot_products(tmp_path, tiny_t
     prompt/response query: with curvature ``none``, ``s(q, n) = ⟨∇_W L_q, ∇_W L_n⟩`` where ``L_q`` is the
     response's summed loss given the prompt (the appended end token is not measured for queries) — computed
     here with plain autograd, one example at a time."""
-    from conftest import CORPUS, build_llama
-
     from dataclasses import replace
+
+    from conftest import CORPUS, build_llama
 
     from dataworth.data.batching import collate, example_losses
     from dataworth.data.encode import encode_rows

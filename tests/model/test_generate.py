@@ -9,14 +9,20 @@ import string
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import build_llama
 from dataworth.cli import cli
 from dataworth.data.encode import prompt_token_ids
 from dataworth.errors import InputError
-from dataworth.model.generate import _until_stop, generate, generate_token_ids, read_prompts, stop_token_ids
+from dataworth.model.generate import (
+    _until_stop,
+    generate,
+    generate_token_ids,
+    read_prompts,
+    stop_token_ids,
+)
 from dataworth.model.load import load_model
 
 PROMPTS = ["Alice Smith was born in", "What is 2 plus 3?", "Bob", "Reverse the word cat:",

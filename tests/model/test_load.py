@@ -8,12 +8,17 @@ import time
 
 import pytest
 import torch
-
 from conftest import build_llama, build_tokenizer
-from dataworth.errors import InputError
-from dataworth.model.load import LoadedModel, load_model, model_fingerprint, resolve_dtype, tokenizer_fingerprint
-from dataworth.util import resolve_device
 
+from dataworth.errors import InputError
+from dataworth.model.load import (
+    LoadedModel,
+    load_model,
+    model_fingerprint,
+    resolve_dtype,
+    tokenizer_fingerprint,
+)
+from dataworth.util import resolve_device
 
 
 @pytest.fixture(scope="module")

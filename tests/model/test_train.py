@@ -16,12 +16,20 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dataworth.cli import cli
-from dataworth.data.rows import load_rows
 from dataworth.data.encode import prompt_token_ids
+from dataworth.data.rows import load_rows
 from dataworth.errors import InputError
 from dataworth.model.load import load_model, model_fingerprint
-from dataworth.model.train import SPECIAL_TOKENS, TrainConfig, fact_accuracy, lr_at, response_matches, train, train_tokenizer
 from dataworth.model.optimizer import load_optimizer_state, save_optimizer_state
+from dataworth.model.train import (
+    SPECIAL_TOKENS,
+    TrainConfig,
+    fact_accuracy,
+    lr_at,
+    response_matches,
+    train,
+    train_tokenizer,
+)
 
 WORLD = "people=8&docs_per_person=4&distractors=0"
 DATA = f"builtin:bios?{WORLD}"

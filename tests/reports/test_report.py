@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import build_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import build_llama
 from dataworth.errors import InputError
 
 # Hostile document texts, each short enough to be shown whole (max_length 96, display limit 80 tokens).
@@ -38,10 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 def pipeline(tmp_path_factory, tiny_tokenizer):
     """Train JSONL (10 docs: three hostile, one non-ASCII, one longer than max_length, one without 'source'),
     3 queries, a float32 LoGra store, KFAC curvature, full scores with self-influence, and one report."""
-    from dataworth.influence.curvature import fit
     from dataworth.gradients.extract import ExtractConfig, extract
-    from dataworth.reports.report import report
+    from dataworth.influence.curvature import fit
     from dataworth.influence.score import score
+    from dataworth.reports.report import report
 
     root = tmp_path_factory.mktemp("report")
     model = build_llama(len(tiny_tokenizer), seed=3)
@@ -170,8 +170,8 @@ def test_highlighted_tokens_read_back_as_the_exact_document_text(pipeline):
 
 
 def test_cosine_and_relative_contributions_sum_to_those_scores(pipeline, tmp_path):
-    from dataworth.reports.report import report
     from dataworth.influence.score import score
+    from dataworth.reports.report import report
 
     root = pipeline["root"]
     for mode in ("cosine", "relative"):

@@ -15,10 +15,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataworth.errors import InputError
-from dataworth.selection.prefilter import keep_mask, prefilter_metrics, quantile_buckets
-from dataworth.model.optimizer import AdamState, adam_update
 from dataworth.gradients.projection import DenseProjector
-from dataworth.selection.less import SelectConfig, aggregate_scores, check_checkpoints, cosine_matrix, list_tasks, load_task_rows, rank_rows, selection_size, subtask_labels, weighted_cosine, write_selection
+from dataworth.model.optimizer import AdamState, adam_update
+from dataworth.selection.less import (
+    SelectConfig,
+    aggregate_scores,
+    check_checkpoints,
+    cosine_matrix,
+    list_tasks,
+    load_task_rows,
+    rank_rows,
+    selection_size,
+    subtask_labels,
+    weighted_cosine,
+    write_selection,
+)
+from dataworth.selection.prefilter import keep_mask, prefilter_metrics, quantile_buckets
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -391,11 +403,11 @@ def test_pool_features_equal_autograd_adam_update_of_token_mean_gradient(tiny_ru
     from dataworth.data.batching import collate, example_losses
     from dataworth.data.encode import encode_rows
     from dataworth.data.rows import load_rows
-    from dataworth.model.load import load_model
     from dataworth.gradients.projection import dense_project
+    from dataworth.model.load import load_model
+    from dataworth.model.optimizer import load_optimizer_state
     from dataworth.selection.less import lora_modules
     from dataworth.store.reader import open_store
-    from dataworth.model.optimizer import load_optimizer_state
 
     run = tiny_run / "run"
     ckpt = run / "warmup" / "model" / "checkpoints" / "epoch-2"
@@ -429,8 +441,8 @@ def test_pool_features_equal_autograd_adam_update_of_token_mean_gradient(tiny_ru
 
 
 def test_prefilter_on_the_tiny_run_reports_recall_and_compute_saved(tiny_run):
-    from dataworth.selection.prefilter import PrefilterConfig, run_prefilter
     from dataworth.selection.less import load_config
+    from dataworth.selection.prefilter import PrefilterConfig, run_prefilter
 
     metrics = run_prefilter(load_config(tiny_run / "run"), "units",
                             PrefilterConfig(labelled_fraction=0.3, keep_fraction=0.3, percent=5))

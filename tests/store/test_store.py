@@ -15,10 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dataworth.errors import InputError
-from dataworth.store.format import ModuleSpec, bf16_bits_to_float32, float32_to_bf16_bits, modules_layout, raw_to_float32
+from dataworth.store.format import (
+    ModuleSpec,
+    bf16_bits_to_float32,
+    float32_to_bf16_bits,
+    modules_layout,
+    raw_to_float32,
+)
 from dataworth.store.reader import Store, open_store
-from dataworth.store.writer import StoreWriter
 from dataworth.store.tensors import load_tensors, save_tensors
+from dataworth.store.writer import StoreWriter
 
 HEADER = {
     "projection": {"kind": "random", "seed": 0, "k": 4},

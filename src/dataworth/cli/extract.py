@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dataworth.gradients.extract import ExtractConfig, extract
+from dataworth.store.format import STORE_DTYPES
 
 
 @click.command("extract")
@@ -18,7 +19,7 @@ from dataworth.gradients.extract import ExtractConfig, extract
 @click.option("--rank-out", type=int, default=64, show_default=True)
 @click.option("--dense-dim", type=int, default=8192, show_default=True, help="Output size of --projection dense.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(list(STORE_DTYPES)), default="float16", show_default=True,
               help="Storage dtype of the rows (computation is float32).")
 @click.option("--batch-size", type=int, default=None, help="Rows per batch (default 8).")
 @click.option("--token-budget", type=int, default=None, help="Padded tokens per batch; length-sorted batching.")

@@ -313,7 +313,6 @@ def data_fingerprint(encoded: Sequence[Encoded]) -> str:
 
 def without_end_token(row: Encoded, tokenizer) -> Encoded:
     """``row`` with its final end-of-sequence / end-of-turn target unmasked (kept in the input)."""
-
     ends = {t for t in (getattr(tokenizer, "eos_token_id", None), end_of_turn_id(tokenizer)) if t is not None}
     if row.input_ids and row.input_ids[-1] in ends and row.loss_mask[-1] and row.n_targets > 1:
         return Encoded(row.id, row.input_ids, row.loss_mask[:-1] + [0], row.truncated)
@@ -326,7 +325,6 @@ MEASURES = ("answer", "answer+end")
 
 def measured_queries(queries: Sequence[Any], tokenizer: Any, measure: str) -> list:
     """The encoded queries with exactly the ``measure``d targets in their loss masks (``MEASURES``)."""
-
     if measure == "answer":
         return [without_end_token(q, tokenizer) for q in queries]
     return list(queries)

@@ -31,7 +31,6 @@ def row_gradients(model: torch.nn.Module, rows: Sequence[Any], pad_id: int,
     """For each encoded row, ``∇_params L_n(θ)`` of its summed target loss (``data.batching.example_losses``), as a
     list of tensors shaped like ``params`` (zeros for a parameter the loss does not reach). One backward pass
     per row, on a batch of that row alone (no padding, so nothing else can leak in)."""
-
     device = params[0].device
     for i, row in enumerate(rows):
         batch = collate([row], [i], pad_id).to(device)
@@ -77,7 +76,6 @@ def one_step_effects(model: torch.nn.Module, tokenizer: Any, train_encoded: Sequ
     also when an exception escapes. Runs in the model's own dtype and device with ``model.eval()`` (no
     dropout); the previous train/eval mode is restored afterwards.
     """
-
     named = _chosen_parameters(model, params)
     step_of = _update_rule(named, optimizer_dir, lr)
     if not train_encoded or not query_encoded:
@@ -170,7 +168,6 @@ def answer_effects(store, model, tokenizer, queries, train_rows, optimizer_dir) 
     ``evaluation.effects.one_step_effects`` with the final AdamW state). Rows are encoded as the store was extracted
     (its ``max_length`` and ``chat``); queries measure the answer without the appended end token, as
     ``gradients.queries.query_gradients`` attributes it."""
-
     cfg = store.manifest["config"]
     encoded, _ = encode_rows(train_rows, tokenizer, max_length=cfg.get("max_length"), chat=cfg.get("chat", "auto"))
     if [e.id for e in encoded] != list(store.ids):

@@ -58,7 +58,6 @@ def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, docu
     bios — instead of padding them to 10 with score-0 rows taken in row order) and ``one-step oracle`` (the
     effects as scores: the highest tail-patch@10 any method can reach; its ``score_s`` is the effects' time).
     """
-
     gold = gold_positions(queries, store.ids)
     q_rows = query_gradients(store, model, tokenizer, queries)
     q_ids = [q.id for q in queries]
@@ -100,7 +99,6 @@ def _table_row(method: str, scores: np.ndarray, gold, effects, fit_s: float, sco
 
 def _gold_tail_patch(effects: np.ndarray, gold) -> float:
     """Mean over queries of the mean effect of the query's gold rows (the first ``TAIL_PATCH_K`` in row order)."""
-
     return mean_effect(effects, [sorted(rows)[:TAIL_PATCH_K] for rows in gold])
 
 
@@ -134,7 +132,6 @@ def eval_facts(model: str, data: str, queries: str, out_dir: str | os.PathLike, 
     order), and ``tail-patch@10`` with its reference rows when ``model`` is a ``dataworth train`` directory
     holding its final optimizer state. Extracts a store of ``model`` on ``data`` under ``out_dir/store``
     (resumed when present)."""
-
     for kind in curvatures:
         check_kind(kind)
     for mode in modes:

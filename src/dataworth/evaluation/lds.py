@@ -54,7 +54,6 @@ def removal_test(task: LdsTask, scores: np.ndarray, k: int, queries: Sequence[in
     """For each query in ``queries``: retrain without its ``k`` top-scored rows and without ``k`` random rows
     (``random_draws`` draws), and compare the *query's own* loss with the all-rows retrain
     (``evaluation.metrics.removal_summary``; ``k`` is added to the result)."""
-
     queries = list(queries)
     if not 1 <= k < len(task.train_ids):
         raise InputError(f"--k: must be in 1..{len(task.train_ids) - 1}, got {k}")

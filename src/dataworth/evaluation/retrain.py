@@ -214,7 +214,6 @@ class LdsTask:
 
     def evaluate(self, scores: np.ndarray, n_bootstrap: int = 1000) -> dict:
         """LDS figures of a ``[Q, N]`` score matrix (``dataworth.evaluation.metrics.lds_summary``)."""
-
         return lds_summary(scores, self.masks, self.losses, n_bootstrap=n_bootstrap, seed=self.config.seed)
 
 
@@ -284,7 +283,6 @@ def _with_new_train_fields(stored: dict, current: dict) -> dict:
     its default does; a run that sets it to anything else still differs (and is refused). Caches made before
     ``measure`` existed measured ``answer+end``.
     """
-
     if "measure" not in stored:
         stored = {**stored, "measure": "answer+end"}
     if not isinstance(stored.get("train"), dict) or not isinstance(current.get("train"), dict):
@@ -304,7 +302,6 @@ def train_on_rows(encoded: Sequence[Any], tokenizer: Any, config: Any, seed: int
     ``dataworth.model.train``'s own loop (``model.train.train_epochs``: AdamW, ``lr_at`` schedule, gradient clipping, a
     seeded shuffle, mean token loss per batch), without writing anything.
     """
-
     config = dataclasses.replace(config, seed=seed, save_every_epoch=False)
     device = resolve_device(config.device)
     with torch_threads(config.threads):
@@ -344,7 +341,6 @@ def _context(config: LdsConfig, model_dir: Path) -> _Context:
 
 def _train_base_model(config: LdsConfig, model_dir: Path, progress: bool) -> None:
     """The full-data model via ``dataworth.model.train``; keeps ``config.checkpoints`` evenly spaced epochs."""
-
     if (model_dir / TRAIN_JSON).exists():
         return
     keep = config.checkpoints > 0
@@ -371,7 +367,6 @@ def build_lds_task(out_dir: str | os.PathLike, config: LdsConfig, *, progress: b
     ``trainer`` replaces the real retrain (tests: a closed-form toy). ``stop_after`` stops after that many
     new retrains (tests of resumption) and returns None. Returns the complete `LdsTask`.
     """
-
     started = time.perf_counter()
     out = Path(out_dir)
     cache = RetrainCache(out, config.identity())

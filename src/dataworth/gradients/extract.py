@@ -436,7 +436,6 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
     ranks first check that their configurations (then model and data fingerprints) agree, then each
     computes its shards and rank 0 merges (module docstring). Every rank returns the finished store.
     """
-
     if task is not None:  # any nn.Module: the task's per-example loss over its own batches (dataworth.gradients.task)
 
         return extract_with_task(config, model=model, task=task, batches=batches, encoded=encoded,
@@ -594,7 +593,6 @@ def _extract_sharded(ctx: DistContext, plan: ExtractPlan, *, overwrite: bool, pr
     3. after a barrier rank 0 adopts all shards in order, writes the KFAC factors and finalizes; the
        fragments are removed last. Any rank's error is raised on every rank.
     """
-
     config, encoded = plan.config, plan.encoded
     out = Path(config.out)
     n_shards = math.ceil(len(encoded) / config.shard_rows)
@@ -635,7 +633,6 @@ def _extract_sharded(ctx: DistContext, plan: ExtractPlan, *, overwrite: bool, pr
                                   shard_rows=config.shard_rows)
         entries.append({**entry, "index": shard, "nonfinite": bad})
         write_fragment(out, ctx.rank, identity, entries, extra={"world_size": ctx.world_size})
-
 
     error = None
     try:
@@ -780,7 +777,6 @@ def extract_with_task(config, *, model: nn.Module | None = None, task: Task, bat
 
 def _lm_batches(config, encoded, tokenizer) -> list:
     """Batches of ``encoded`` rows (or ``config.data`` tokenized) for a language-model task, in data order."""
-
     if encoded is None:
         if not config.data:
             raise InputError("a task needs batches=..., encoded=... or --data")

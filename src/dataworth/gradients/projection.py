@@ -174,7 +174,6 @@ class DenseProjector:
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """``[B, d_total] → [B, k]`` float32."""
-
         if self.blocks is None:
             return dense_project(flat, self.seed, self.k)
         out = torch.zeros(flat.shape[0], self.k, dtype=torch.float32, device=flat.device)

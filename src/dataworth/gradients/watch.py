@@ -251,7 +251,6 @@ class GradientLogger:
         ``fingerprint``: record `model_fingerprint` of the model *now* (so ``dw.score`` with the final
         model passes its fingerprint check); False skips hashing the weights (huge models).
         """
-
         if self.hooks.closed:
             raise InputError("finalize: the logger is already finalized or closed")
         if self.hooks.active is not None:

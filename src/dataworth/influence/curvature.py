@@ -379,7 +379,6 @@ def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:
     for raw, ``Σ_m k_out·k_in`` plus the eigenbases for ekfac). Too small for the fixed part plus one row →
     InputError naming ``--memory-budget`` and the minimum.
     """
-
     d_max = max((m.size for m in store.modules), default=store.dim)
     per_row = 8 * store.dim + 32 * d_max
     fixed = PREFETCH_OVERHEAD_BYTES
@@ -537,7 +536,6 @@ def fit(store_path, curvature: str = DEFAULT_CURVATURE, damping="auto",
     bound the block buffers (`fit_block_rows`). Launched by torchrun / accelerate (``WORLD_SIZE`` > 1):
     each rank streams its shards, sums are all-reduced, rank 0 saves.
     """
-
     ctx = init_distributed("cpu")
     check_agreement(ctx, {"store": str(store_path), "curvature": curvature, "damping": str(damping),
                           "block_rows": block_rows, "memory_budget_mb": memory_budget_mb}, "fit arguments")
@@ -635,7 +633,6 @@ def _check_module_tensors(path: Path, kind: str, m: ModuleCurvature) -> None:
 
 def ensure_curvature(store_path, kind: str):
     """The fitted curvature of ``kind`` for the store, fitting it first when it is not there yet."""
-
     try:
         return load_curvature(open_store(store_path), kind)
     except InputError:

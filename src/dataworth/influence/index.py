@@ -62,7 +62,6 @@ def build_index(store_path, factory: str | None = None, block_rows: int = DEFAUL
     exact; ``IVF4096,PQ64`` compresses rows for stores that do not fit in memory). Trained on an evenly
     spread sample (``train_size``, default ``max(40·nlist, 10000)`` rows), filled block by block.
     """
-
     faiss = _faiss()
     store = open_store(store_path, verify=False)
     if store.rows == 0:
@@ -139,7 +138,6 @@ def index_recall(store_path, query_rows: np.ndarray | None = None, *, curvature:
     from ``dataworth.scoring.score_rows``; returns ``{"recall@k": …, "recall@k_positive": …,
     "recall@k_negative": …, "queries", "k", "nprobe", "factory", "exact_s", "approx_s", "speedup"}``.
     """
-
     store = open_store(store_path, verify=False)
     index, meta = load_index(store)
     fitted = load_curvature(store, curvature)

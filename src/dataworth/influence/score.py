@@ -228,7 +228,6 @@ def score_stream(
     ``STREAM_FULL_LIMIT_BYTES`` (1 GiB); use a store and ``score --full`` for bigger ones. ``out``: save
     there with :meth:`Scores.save`.
     """
-
     started = time.perf_counter()
     check_mode(mode)
     if mode not in STREAM_MODES:
@@ -346,7 +345,6 @@ def score_with_task(store, model: nn.Module, task: Task, query_batches: Iterable
     The curvature must have been fitted (``dw.fit(store, curvature)``) unless ``none``; see
     `dataworth.influence.scores.score_rows` for modes and outputs. Positive = the training example helps the query.
     """
-
     store = store if hasattr(store, "manifest") else open_store(store)
     fitted = load_curvature(store, curvature)
     rows, ids = measurement_gradients(store, model, task, query_batches)

@@ -480,7 +480,6 @@ def score_budget(memory_budget_mb: float, store, n_queries: int, top_k: int, mod
     query batch streams the store once, so the store is read ``ceil(Q / Qb)`` times. A budget too small for
     one row of one query → InputError naming ``--memory-budget``.
     """
-
     budget = float(memory_budget_mb) * 2**20 - PREFETCH_OVERHEAD_BYTES
     dim = store.dim
     d_max = max((m.size for m in store.modules), default=dim)

@@ -213,7 +213,6 @@ def generate(
     decoded generated text with special tokens skipped and nothing stripped, so ``prompt`` + ``response``
     re-encode (``data.encode.encode_rows`` with the same ``chat``) to the tokens the model saw and produced.
     """
-
     prompts = read_prompts(prompts_path)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     tokenizer = loaded.tokenizer

@@ -28,7 +28,6 @@ TRAINER_STATE = "trainer_state.json"
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-
 def save_optimizer_state(optimizer: torch.optim.AdamW, model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Write AdamW moments as safetensors (``"<name>.exp_avg"``, ``"<name>.exp_avg_sq"``) + JSON metadata.
 
@@ -114,7 +113,6 @@ def final_optimizer_dir(model_dir: str | os.PathLike) -> Path | None:
 
 def state_covers(model: torch.nn.Module, optimizer_dir: Path) -> bool:
     """Whether the saved optimizer state (``optimizer.json`` ``params``) names every trainable parameter."""
-
     saved = set(json.loads((Path(optimizer_dir) / OPTIMIZER_JSON).read_text()).get("params", []))
     return all(name in saved for name, p in model.named_parameters() if p.requires_grad)
 
@@ -167,7 +165,6 @@ def adam_update(grads: torch.Tensor, state: AdamState, convention: str = "paper"
 
 def checkpoint_lr(ckpt: Path) -> float:
     """η̄ of a checkpoint: ``avg_lr`` of its ``trainer_state.json`` (the epoch's average learning rate)."""
-
     path = ckpt / TRAINER_STATE
     if not path.is_file():
         raise InputError(f"{path}: missing; LESS weights each checkpoint by its average learning rate")
@@ -181,7 +178,6 @@ def checkpoint_lr(ckpt: Path) -> float:
 def load_adam_state(ckpt: Path, modules: Sequence[tuple[str, torch.nn.Module]]) -> AdamState:
     """The AdamW moments of ``ckpt`` for ``modules`` (``(name, nn.Linear)``; parameter ``name + ".weight"``),
     flattened in module order, each ``[d_out, d_in]`` row-major — the feature layout of the hooks."""
-
     states, meta = load_optimizer_state(ckpt)
     avg, avg_sq, steps = [], [], []
     for name, module in modules:

@@ -342,7 +342,6 @@ def fact_accuracy(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Any]
     Decodes ``max(len(tokens(response))) + 4`` new tokens (stopping at eos), so a correct answer is followed
     by whatever the model says next and "Paris" cannot pass for "Parisian" by running out of tokens.
     """
-
     if not queries:
         return float("nan")
     pairs = [_query_fields(q) for q in queries]
@@ -361,7 +360,6 @@ def train(data_spec: str, out_dir: str | Path, config: TrainConfig = PRESETS["ti
     ``"auto"`` uses ``builtin:bios:queries`` with the same parameters when ``data_spec`` is ``builtin:bios``,
     ``None`` skips it. Deterministic: same data, config and device → identical weights.
     """
-
     out = Path(out_dir)
     _check_out_dir(out)
     rows = load_rows(data_spec)
@@ -531,7 +529,6 @@ def _save_final(model, tokenizer, out: Path, config: TrainConfig, base_spec: str
     ``out`` is a normal HF directory (``AutoModelForCausalLM.from_pretrained(out)`` works) whatever the base
     spec was. Without: ``out`` is the adapter (``model.load.load_model(out)`` rebuilds base + adapter).
     """
-
     staging = out.with_name(out.name + _TMP_SUFFIX)
     staging.mkdir(parents=True, exist_ok=True)
     if config.lora and config.merge_lora:

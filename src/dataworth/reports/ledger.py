@@ -153,7 +153,6 @@ def value_ledger(scores_dir, by: str | None = None, *, store=None, data: str | N
     there. Columns and formulas: see the module docstring; ``attrs`` holds ``basis`` ("full" or "topk"),
     ``n_queries``, ``n_rows`` and ``by``.
     """
-
     scores = load_scores(scores_dir)
     store = open_scores_store(scores, store)
     table = scores.to_pandas()
@@ -200,7 +199,6 @@ def training_rows(store, data: str | None = None) -> list:
 
     Bad rows are skipped (they were never in the store either); a missing spec → InputError.
     """
-
     spec = data or store.manifest.get("data", {}).get("spec") or store.manifest.get("config", {}).get("data")
     if not spec:
         raise InputError(f"{store.path}/manifest.json: no recorded data spec; pass --data")

@@ -125,7 +125,6 @@ def plot_self_influence(values: np.ndarray) -> bytes:
 def module_spectra(store, kind: str) -> tuple[str, dict[str, np.ndarray]] | None:
     """``(title, {module: eigenvalues})`` of the curvature the scores used; for ``none``, of the KFAC factors
     when the store has them; None when there is nothing to show."""
-
     if kind != "none":
         curvature = load_curvature(store, kind)
         return (f"{kind} curvature eigenvalues per module (log scale)",

@@ -112,7 +112,6 @@ def shown_contributions(store, loaded, encoded_by_row: dict[int, object], needed
     (train_row → query indices). One forward/backward per document (hooks and projections set up once for
     all of them), contracted against only the queries that show it (``O(Q' · T · D)``): a document shown for
     2 of 240 queries does not pay for 240, and memory stays ``O(Q' · T)``."""
-
     out: dict[tuple[int, int], np.ndarray] = {}
     rows = sorted(needed)
     query_lists = [sorted(needed[r]) for r in rows]
@@ -225,7 +224,6 @@ def _check_config(config: ReportConfig) -> None:
 
 def _query_views(scores, shown: pd.DataFrame, queries: str | None) -> list[QueryView]:
     """A view per scored query, with its text from the query data (InputError if a query id is not there)."""
-
     spec = queries or scores.summary.get("queries")
     if not isinstance(spec, str) or not spec or (re.fullmatch(r"\d+ rows", spec) and not Path(spec).exists()):
         raise InputError("scores summary.json: field 'queries' names no query file (queries were passed in "
@@ -246,7 +244,6 @@ def _query_views(scores, shown: pd.DataFrame, queries: str | None) -> list[Query
 def _attach_documents(views: list[QueryView], store, model, data, summary: dict, curvature,
                       config: ReportConfig) -> None:
     """Re-encode the shown training rows and the queries, recompute the exact per-token contributions."""
-
     needed: dict[int, list[int]] = {}
     for view in views:
         for d in ("positive", "negative"):
@@ -298,7 +295,6 @@ def _attach_documents(views: list[QueryView], store, model, data, summary: dict,
 
 def _factor_layer(store, layer: str | int | None) -> str | None:
     """The module whose KFAC factors are drawn (checked before any slow work); None without factors."""
-
     if not store.has(KFAC_FILE):
         if layer is not None:
             raise InputError(f"--layer {layer}: the store {store.path} has no KFAC factors to draw")
@@ -309,7 +305,6 @@ def _factor_layer(store, layer: str | int | None) -> str | None:
 def _make_plots(scores, views: list[QueryView], store, summary: dict, layer: str | None,
                 notes: list[str]) -> tuple[dict[str, bytes], dict[str, str]]:
     """The overview plots (spectra, factor heatmaps, self-influence) and each view's score distribution."""
-
     plots: dict[str, bytes] = {}
     table = scores.to_pandas()
     plot_scores = ScoreDistributionPlotter()

@@ -235,7 +235,6 @@ def _task_file(directory: Path, task: str) -> Path | None:
 def list_tasks(spec: str) -> list[str]:
     """Task names a validation/test spec offers: file stems (or sub-folders) of a directory, else the
     distinct ``task`` fields of its rows (in first-seen order)."""
-
     path = Path(spec)
     if not spec.startswith(("builtin:", "hf:")) and path.is_dir():
         names = sorted({p.stem for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file()}
@@ -257,7 +256,6 @@ def load_task_rows(spec: str, task: str, what: str = "valid") -> list:
     to be entirely ``task``. A row's subtask is its ``subtask`` field, else the task itself. No rows for
     the task is an ``InputError`` listing the tasks that exist.
     """
-
     path = Path(spec)
     if not spec.startswith(("builtin:", "hf:")) and path.is_dir():
         found = _task_file(path, task)
@@ -292,7 +290,6 @@ def checkpoint_dirs(run: str | Path) -> list[Path]:
 def check_checkpoints(ckpts: Sequence[Path], gradient: str = "adam") -> None:
     """All checkpoints must be LoRA adapters with one configuration, and (for Adam features) carry AdamW
     moments of the same parameters; else ``InputError`` naming the checkpoints and the differing field."""
-
     first_config, first_params = None, None
     for ckpt in ckpts:
         adapter = ckpt / "adapter_config.json"
@@ -329,7 +326,6 @@ def _canonical_field(value: Any) -> Any:
 
 def lora_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The LoRA ``nn.Linear`` layers (``…lora_A.<adapter>``, ``…lora_B.<adapter>``) in module order."""
-
     try:
         return select_modules(model, LORA_MODULES)
     except InputError:
@@ -404,7 +400,6 @@ def features(config: SelectConfig, checkpoints: Sequence[str | Path] | None = No
     wall-clock and this process's CPU time — the fair cost measure on a shared CPU machine; a reused store
     keeps the figures recorded when it was computed). Returns that record.
     """
-
     require(config, "run", "pool", "valid")
     ckpts = [Path(c) for c in checkpoints] if checkpoints else checkpoint_dirs(config.run)
     check_checkpoints(ckpts, config.gradient)
@@ -513,7 +508,6 @@ def compute_scores(config: SelectConfig, task: str) -> dict:
 
     Returns ``{"ids", "scores" [N], "subtasks", "per_subtask" [N, S], "lrs"}``.
     """
-
     require(config, "run", "valid")
     valid_rows = load_task_rows(config.valid, task)
     subtasks = subtask_labels(valid_rows, task)
@@ -591,7 +585,6 @@ def write_selection(pool_rows: Sequence, scores: np.ndarray, out_dir: str | Path
 
 def match(config: SelectConfig, task: str) -> dict:
     """Step 3: score the pool for ``task`` and write ``RUN/selected/<task>/{scores.parquet, top_p<P>.jsonl}``."""
-
     require(config, "run", "pool", "valid")
     result = compute_scores(config, task)
     pool_rows = load_rows(config.pool)
@@ -608,7 +601,6 @@ def match(config: SelectConfig, task: str) -> dict:
 
 def lora_train_config(config: SelectConfig, epochs: int, seed: int | None = None):
     """The ``dataworth.model.train`` LoRA configuration shared by warm-up and final fine-tuning."""
-
     return TrainConfig.from_preset(
         "lora", base=config.base, epochs=epochs, lr=config.lr, batch_size=config.batch_size,
         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_targets=tuple(config.lora_targets),
@@ -626,7 +618,6 @@ def warmup(config: SelectConfig, progress: bool = True):
     """Step 1: LoRA warm-up on a seeded random ``warmup_percent`` % of the pool, a checkpoint per epoch
     (adapter + AdamW moments + η̄). Writes ``RUN/warmup/rows.jsonl`` and ``RUN/warmup/model``; saves the
     config as ``RUN/select.json``. Returns the ``TrainResult``."""
-
     require(config, "run", "pool", "base")
     pool_rows = load_rows(config.pool)
     k = selection_size(len(pool_rows), config.warmup_percent)
@@ -642,7 +633,6 @@ def warmup(config: SelectConfig, progress: bool = True):
 
 def finetune(config: SelectConfig, data: str | Path, out: str | Path, progress: bool = True):
     """LoRA fine-tuning of ``config.base`` on ``data`` for ``finetune_epochs`` (the final training)."""
-
     require(config, "base")
     return train(str(data), out, lora_train_config(config, config.finetune_epochs), queries_spec=None,
                  progress=progress)
@@ -670,7 +660,6 @@ def evaluate_rows(model: torch.nn.Module, tokenizer, rows: Sequence, *, max_leng
     (the answer tokens and their end-of-turn token), and ``exact_match`` = fraction of rows whose greedy
     answer (prompt = the conversation before the last assistant turn, rendered as in training) equals the
     expected answer after stripping (`exact_match`). Deterministic."""
-
     encoded, _ = encode_rows(list(rows), tokenizer, max_length=max_length, chat=chat)
     pad_id = pad_token_id(tokenizer)
     total, targets = 0.0, 0

@@ -76,7 +76,6 @@ class PrefilterConfig:
 def cheap_features(model: torch.nn.Module, tokenizer, encoded: Sequence, batch_size: int = 32) -> np.ndarray:
     """``[N, H + 3]`` float64: mean last hidden state over real tokens, ``log1p(tokens)``,
     ``log1p(target tokens)``, mean target-token loss — one no-grad forward pass per row."""
-
     pad_id = pad_token_id(tokenizer)
     rows: np.ndarray | None = None
     model.eval()
@@ -155,7 +154,6 @@ def prefilter_metrics(true_scores: np.ndarray, predicted: np.ndarray, labelled: 
     from scipy.stats import spearmanr
     from sklearn.metrics import r2_score
 
-
     n = len(true_scores)
     k = selection_size(n, percent)
     top = rank_rows(true_scores)[:k]
@@ -204,7 +202,6 @@ def run_prefilter(select_config, task: str, config: PrefilterConfig = PrefilterC
     Writes ``RUN/selected/<task>/prefilter.json`` (metrics + config) and ``prefilter_candidates.jsonl``
     (ids of labelled ∪ kept rows, with their role). Returns the metrics.
     """
-
     require(select_config, "run", "pool", "base", "valid")
     truth = compute_scores(select_config, task)
     scores = np.asarray(truth["scores"], dtype=np.float64)
