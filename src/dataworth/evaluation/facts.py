@@ -90,7 +90,6 @@ def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, docu
 
 
 def _table_row(method: str, scores: np.ndarray, gold, effects, fit_s: float, score_s: float) -> dict:
-
     row = {"method": method, **fact_tracing_metrics(scores, gold, ks=(1, 10))}
     if effects is not None:
         row[TAIL_PATCH] = tail_patch(scores, effects, TAIL_PATCH_K)

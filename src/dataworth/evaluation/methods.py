@@ -72,7 +72,6 @@ class AttributionConfig:
         return f"{proj} {self.curvature}/{self.mode}{extra}"
 
     def check(self) -> None:
-
         check_kind(self.curvature)
         check_mode(self.mode)
         if self.projection not in ("random", "pca", "identity"):
@@ -117,7 +116,6 @@ def store_dir_for(task: LdsTask, model_dir: Path, method: AttributionConfig) -> 
 
 
 def _scores_at(task: LdsTask, model_dir: Path, method: AttributionConfig, progress: bool, memo: dict) -> np.ndarray:
-
     store_dir = store_dir_for(task, model_dir, method)
     # identity ignores the rank; a fixed value keeps one identity store whatever rank an option asks for
     rank = 64 if method.projection == "identity" else method.rank

@@ -119,7 +119,6 @@ class LdsConfig:
 
     def __post_init__(self) -> None:
         if self.train is None:
-
             object.__setattr__(self, "train", TrainConfig.from_preset("tiny"))
         self.check()
 
@@ -205,11 +204,9 @@ class LdsTask:
         return self.losses.mean(axis=0)
 
     def train_rows(self) -> list:
-
         return load_rows(self.config.data)
 
     def query_rows(self) -> list:
-
         return load_rows(self.config.queries)
 
     def evaluate(self, scores: np.ndarray, n_bootstrap: int = 1000) -> dict:
@@ -440,7 +437,6 @@ def _base_losses(out: Path, model_dir: Path, context: _Context | None, trainer: 
     if path.exists():
         return np.asarray(json.loads(path.read_text())["losses"], dtype=np.float64)
     if context is not None:
-
         loaded = load_model(str(model_dir), device=context.config.train.device)
         values = query_losses(loaded.model, context.encoded_queries, pad_token_id(context.tokenizer))
     else:

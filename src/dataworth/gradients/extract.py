@@ -449,17 +449,14 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
     device = resolve_device(rank_device(ctx, config.device))
     fingerprint = None
     if model is None:
-
         loaded = load_model(config.model, device=str(device))
         model, tokenizer, fingerprint = loaded.model, loaded.tokenizer, loaded.fingerprint
     else:
         model = model.to(device)
     model.eval()
     if fingerprint is None:
-
         fingerprint = model_fingerprint(model)
     if encoded is None:
-
         rows = load_rows(config.data)
         encoded, report = encode_rows(rows, tokenizer, max_length=config.max_length, chat=config.chat)
         if report.truncated and ctx.is_main:
@@ -751,7 +748,6 @@ def extract_with_task(config, *, model: nn.Module | None = None, task: Task, bat
         raise InputError(f"--projection {config.projection}: with a task, extraction supports "
                          f"{' and '.join(LOGGER_PROJECTIONS)}")
     if model is None:
-
         loaded = load_model(config.model, device="cpu" if config.device == "auto" else config.device)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     if batches is None:

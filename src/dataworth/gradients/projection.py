@@ -164,7 +164,6 @@ class DenseProjector:
     ``d_total × k`` random numbers per batch. `dense_projector` reuses the last one built."""
 
     def __init__(self, d_total: int, k: int, seed: int):
-
         self.d_total, self.k, self.seed = d_total, k, seed
         self.blocks = None
         if d_total * k * 4 <= _DENSE_CACHE_BYTES:

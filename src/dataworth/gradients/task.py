@@ -29,8 +29,10 @@ Ready tasks:
   positive score means the training example raises the correct class's margin (Kronfluence uses the same).
 - `FunctionTask`: any user callables ``(batch, model) -> [B]``.
 
-Functions: `extract_with_task` (what ``dw.extract(config, model=..., task=..., batches=...)`` runs),
-`measurement_gradients` (query rows in a store's layout) and `score_with_task` (query rows → scores).
+Where tasks are used: `dataworth.gradients.extract.extract_with_task` (what ``dw.extract(config, model=...,
+task=..., batches=...)`` runs), `dataworth.gradients.queries.measurement_gradients` (query rows in a store's
+layout) and `dataworth.influence.score.score_with_task` (query rows → scores). This module imports no
+machinery: a task knows what the model means, not how gradients are captured.
 """
 
 from __future__ import annotations
@@ -87,7 +89,6 @@ class LanguageModelTask(Task):
     modules: str | Sequence[str] = "all"
 
     def compute_train_loss(self, batch, model):
-
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return example_losses(logits, batch)
 

@@ -280,7 +280,6 @@ class GradientLogger:
         return store
 
     def _header(self, fingerprint: bool) -> dict:
-
         cfg = self.config
         ids_digest = hashlib.sha256("\n".join(self.staging.order).encode()).hexdigest()
         return {

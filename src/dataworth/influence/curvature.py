@@ -554,7 +554,6 @@ def load_curvature(store, kind: str) -> Curvature:
     different number of rows or different modules → InputError asking to re-fit.
     """
     if not hasattr(store, "iter_blocks"):
-
         store = open_store(store)
     check_kind(kind)
     name = curvature_file(kind)

@@ -108,7 +108,6 @@ def score(
     ranks for their gradients, each rank scores its shards, top-k merged exactly, rank 0 saves.
     """
     if task is not None:
-
         if model is None:
             raise InputError("score(task=...): pass the model (an nn.Module) the task measures")
         return score_with_task(store_path, model, task, queries, curvature=curvature, mode=mode, top_k=top_k,
@@ -162,7 +161,6 @@ def _load_query_rows(queries) -> list:
         rows = list(queries)
         where_ = "queries"
     else:
-
         rows = load_rows(str(queries))
         where_ = str(queries)
     if not rows:
@@ -242,7 +240,6 @@ def score_stream(
         raise InputError(f"--batch-size: must be >= 1, got {batch_size}")
     loaded = model if hasattr(model, "fingerprint") and hasattr(model, "model") else None
     if loaded is None:
-
         loaded = load_model(str(model), device=str(resolve_device(device)))
     net, tokenizer = loaded.model, loaded.tokenizer
     query_rows_in = _load_query_rows(queries)

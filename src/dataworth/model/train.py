@@ -375,7 +375,6 @@ def train(data_spec: str, out_dir: str | Path, config: TrainConfig = PRESETS["ti
             tokenizer.chat_template = OPEN_INSTRUCT_TEMPLATE
         model = build_model(config, tokenizer)
     else:
-
         loaded = load_model(config.base, device="cpu")
         tokenizer, model = loaded.tokenizer, loaded.model
         base_spec = _base_spec_for_record(config.base)
@@ -582,6 +581,5 @@ def _auto_queries(data_spec: str) -> str | None:
 
 
 def _resolve_queries(data_spec: str, queries_spec: str | None) -> list:
-
     spec = _auto_queries(data_spec) if queries_spec == "auto" else queries_spec
     return load_rows(spec) if spec else []

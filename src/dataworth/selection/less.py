@@ -381,7 +381,6 @@ def gradient_features(model: torch.nn.Module, tokenizer, encoded: Sequence, out:
 
 
 def _checkpoint_model(ckpt: str | Path, device: str):
-
     loaded = load_model(ckpt, device=device)
     if loaded.tokenizer.pad_token_id is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
