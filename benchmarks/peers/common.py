@@ -99,6 +99,32 @@ def load_task(args: argparse.Namespace, model_dir: str | None = None) -> PeerTas
     return PeerTask(model, loaded.tokenizer, train_rows, query_rows, train, queries, pad_id, names)
 
 
+def as_linear_layers(model: Any) -> int:
+    """Replace every Hugging Face ``Conv1D`` (GPT-2's ``y = x W + b``, ``W`` stored in × out) by the equivalent
+    ``nn.Linear`` (weight ``Wᵀ``), in place, keeping module names; returns how many were replaced.
+
+    Kronfluence, LogIX and TRAK's per-layer machinery handles ``nn.Linear`` only; the function computed is the
+    same to round-off and each weight's gradient is the transpose of the ``Conv1D`` one, so the peers attribute
+    the same model. (dataworth watches ``Conv1D`` as it is.)
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Conv1D):
+            continue
+        d_in, d_out = module.weight.shape
+        linear = torch.nn.Linear(d_in, d_out, bias=module.bias is not None, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        replaced += 1
+    return replaced
+
+
 def batch_dict(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors of ``rows`` (``dataworth.data.batching.collate``) as a plain dict, which every peer's
     data loader moves between devices without knowing our types."""

@@ -34,11 +34,24 @@ def options(ap) -> None:
     ap.add_argument("--checkpoints", default="final", choices=("final", "ensemble"),
                     help="ensemble: average the scores of every MODEL/checkpoints/epoch-N")
     ap.add_argument("--optimizer", default="none", choices=("none", "adam"), help="adam: TrackStar scoring")
+    ap.add_argument("--dtype", default="float32", help="store dtype (float16 | bfloat16 | float32)")
+    ap.add_argument("--measure-end-token", action="store_true",
+                    help="query gradients also measure the appended end token (the retrains do not)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="what a user gets with no flags: ExtractConfig() / fit / score defaults (overrides "
+                         "--projection --rank --curvature --damping --mode --modules --dtype)")
 
 
 def main() -> None:
     args = parse_args(__doc__, options)
     from dataworth.evaluation.methods import AttributionConfig
+    from dataworth.gradients.extract import ExtractConfig
+    from dataworth.influence.curvature import DEFAULT_CURVATURE
+
+    if args.defaults:
+        d = ExtractConfig()
+        args.projection, args.rank, args.modules, args.dtype = d.projection, d.rank_in, d.modules, d.dtype
+        args.curvature, args.damping, args.mode = DEFAULT_CURVATURE, "auto", "dot"
 
     method = AttributionConfig(projection=args.projection, rank=args.rank, curvature=args.curvature,
                                damping=args.damping, mode=args.mode, modules=args.modules,
@@ -59,7 +72,9 @@ def main() -> None:
     rank = "exact" if args.projection == "identity" else f"k_in=k_out={args.rank}"
     how = ("TrackStar (Adam-normalised, unit norm" + (", R=I)" if args.rank == 0 else f", dense {args.rank})")
            if args.optimizer == "adam" else f"{args.curvature} damping {args.damping}, {args.mode}")
-    notes = (f"LoGra {args.projection} {rank} on {len(task.module_names)} layers, {how}"
+    notes = (("defaults: " if args.defaults else "") + f"LoGra {args.projection} {rank} on "
+             f"{len(task.module_names)} layers, {args.dtype} rows, {how}"
+             + (", query measures the end token" if args.measure_end_token else "")
              + (f", mean of {len(models)} checkpoints" if len(models) > 1 else ""))
     write_result(args.out, "dataworth", np.mean(matrices, axis=0), clock, task, notes=notes, store_dim=int(dims[0]))
 
@@ -81,12 +96,14 @@ def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list)
     with clock("fit"):
         store = extract(ExtractConfig(model=str(model_dir), data=args.train, out=str(store_dir), modules=args.modules,
                                       projection=args.projection, rank_in=args.rank or 1, rank_out=args.rank or 1,
-                                      dtype="float32", device="cpu", max_length=args.max_length,
+                                      dtype=args.dtype, device="cpu", max_length=args.max_length,
                                       batch_size=args.batch_size, shard_rows=4096),
                         model=task.model, tokenizer=task.tokenizer, encoded=task.train, progress=False)
         curvature = None if method.optimizer == "adam" else fit(store_dir, args.curvature, damping)
     with clock("score"):
-        q_rows = query_gradients(store, task.model, task.tokenizer, task.queries, batch_size=args.batch_size)
+        queries = task.query_rows if args.measure_end_token else task.queries
+        q_rows = query_gradients(store, task.model, task.tokenizer, queries, batch_size=args.batch_size,
+                                 measure_end_token=args.measure_end_token)
         if method.optimizer == "adam":
             matrix = trackstar_scores(store, q_rows, model_dir, method)
         else:

@@ -27,12 +27,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Stopwatch, batch_dict, load_task, parse_args, summed_losses, write_result  # noqa: E402
+from common import as_linear_layers, Stopwatch, batch_dict, load_task, parse_args, summed_losses, write_result  # noqa: E402
 
 
 def options(ap) -> None:
     ap.add_argument("--strategy", default="ekfac", help="ekfac | identity (Kronfluence FactorArguments.strategy)")
-    ap.add_argument("--damping", default="auto", help="'auto' = Kronfluence's 0.1 × mean eigenvalue heuristic")
+    ap.add_argument("--damping", default="auto", help="'auto' = Kronfluence's 0.1 × mean eigenvalue heuristic; "
+                                                      "'default' = ScoreArguments' own default; or a number")
+    ap.add_argument("--empirical-fisher", action="store_true",
+                    help="fit the factors on the observed labels' gradients (Kronfluence samples labels by default)")
 
 
 def make_task_class():
@@ -96,6 +99,7 @@ def main() -> None:
     clock = Stopwatch()
     with clock("load"):
         task = load_task(args)
+        as_linear_layers(task.model)  # GPT-2's Conv1D → nn.Linear (the peers watch nn.Linear only)
         kf_task = make_task_class()(task.module_names)
         model = prepare_model(model=task.model, task=kf_task)
     work = Path(args.out) / "kronfluence"
@@ -105,12 +109,12 @@ def main() -> None:
     pad_id = task.pad_id
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=lambda rows: batch_dict(rows, pad_id)))
     train_set, query_set = EncodedDataset(task.train), EncodedDataset(task.queries)
-    factor_args = FactorArguments(strategy=args.strategy)
+    factor_args = FactorArguments(strategy=args.strategy, use_empirical_fisher=args.empirical_fisher)
     score_args = ScoreArguments()
-    if args.damping != "auto":
-        score_args.damping_factor = float(args.damping)
-    else:
+    if args.damping == "auto":
         score_args.damping_factor = None  # 0.1 × mean eigenvalue (Kronfluence's documented heuristic)
+    elif args.damping != "default":
+        score_args.damping_factor = float(args.damping)
     with clock("fit"):
         analyzer.fit_all_factors(factors_name=args.strategy, dataset=train_set, factor_args=factor_args,
                                  per_device_batch_size=args.batch_size, overwrite_output_dir=True)
@@ -125,7 +129,8 @@ def main() -> None:
     write_result(args.out, f"kronfluence-{args.strategy}", scores.float().numpy(), clock, task,
                  notes=f"Kronfluence {getattr(kronfluence, '__version__', '?')} strategy={args.strategy}, "
                        + ("" if args.strategy == "identity" else
-                          f"damping {args.damping}, true Fisher (sampled labels), ")
+                          f"damping {args.damping} ({score_args.damping_factor}), "
+                          + ("empirical" if args.empirical_fisher else "true (sampled-label)") + " Fisher, ")
                        + "unprojected gradients, measurement = summed response loss")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Stopwatch, load_task, ordered_batches, parse_args, summed_losses, write_result  # noqa: E402
+from common import as_linear_layers, Stopwatch, load_task, ordered_batches, parse_args, summed_losses, write_result  # noqa: E402
 
 
 def options(ap) -> None:
@@ -54,6 +54,7 @@ def main() -> None:
     clock = Stopwatch()
     with clock("load"):
         task = load_task(args)
+        as_linear_layers(task.model)  # GPT-2's Conv1D → nn.Linear (the peers watch nn.Linear only)
     root = Path(args.out) / "logix"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

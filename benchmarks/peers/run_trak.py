@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Stopwatch, load_task, ordered_batches, parse_args, write_result  # noqa: E402
+from common import as_linear_layers, Stopwatch, load_task, ordered_batches, parse_args, write_result  # noqa: E402
 
 
 def options(ap) -> None:
@@ -66,14 +66,21 @@ def make_model_output():
         @staticmethod
         def get_output(model, weights, buffers, input_ids, loss_mask):
             logits = torch.func.functional_call(model, (weights, buffers), args=(),
-                                                kwargs={"input_ids": input_ids.unsqueeze(0)}).logits
+                                                kwargs={"input_ids": input_ids.unsqueeze(0),
+                                                        # an explicit all-ones mask: right padding is after
+                                                        # every real token (causal), and GPT-2's check for a
+                                                        # missing mask calls .item(), which vmap refuses
+                                                        "attention_mask": torch.ones_like(input_ids).unsqueeze(0)}
+                                                ).logits
             return (token_margins(logits, input_ids.unsqueeze(0)) * loss_mask.unsqueeze(0)[:, 1:]).sum()
 
         def get_out_to_loss_grad(self, model, weights, buffers, batch):
             input_ids, loss_mask = batch
             with torch.no_grad():
                 logits = torch.func.functional_call(model, (weights, buffers), args=(),
-                                                    kwargs={"input_ids": input_ids}).logits[:, :-1].float()
+                                                    kwargs={"input_ids": input_ids,
+                                                            "attention_mask": torch.ones_like(input_ids)}
+                                                    ).logits[:, :-1].float()
                 p = torch.softmax(logits, -1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                 mask = loss_mask[:, 1:]
                 q = ((1 - p) * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -89,6 +96,7 @@ def main() -> None:
     clock = Stopwatch()
     with clock("load"):
         task = load_task(args)
+        as_linear_layers(task.model)  # GPT-2's Conv1D → nn.Linear (the peers watch nn.Linear only)
     model = task.model
     save_dir = Path(args.out) / "trak"
     shutil.rmtree(save_dir, ignore_errors=True)

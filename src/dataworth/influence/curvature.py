@@ -77,6 +77,9 @@ ZERO_CURVATURE_DAMPING = 1.0
 # A raw Fisher block is D_m × D_m float64: 8192² × 8 B = 512 MiB. Beyond that use kfac/ekfac.
 RAW_MAX_MODULE_SIZE = 8192
 DEFAULT_BLOCK_ROWS = 1024
+# Without --memory-budget, blocks are also capped at this many MiB of buffers: 1024 rows of exact gradients
+# of a 0.7 M-parameter GPT-2 are 1.6 GB per buffer (two are held while the next block is read ahead).
+DEFAULT_FIT_BUDGET_MB = 512
 
 
 def curvature_file(kind: str) -> str:
@@ -483,7 +486,9 @@ def fit_curvature(store, kind: str, damping="auto", block_rows: int = DEFAULT_BL
                   memory_budget_mb: float | None = None, dist: DistContext | None = None) -> Curvature:
     """Fit ``kind`` on an open store (no saving): see the module docstring for each formula.
 
-    ``memory_budget_mb``: pick ``block_rows`` with `fit_block_rows` (overrides ``block_rows``). ``dist``: ranks
+    ``memory_budget_mb``: pick ``block_rows`` with `fit_block_rows` (overrides ``block_rows``); without it,
+    ``block_rows`` is also capped by `DEFAULT_FIT_BUDGET_MB` (blocks change the order of float64 sums only,
+    not what is summed). ``dist``: ranks
     that all call this stream only their own shards and all-reduce the sums (same result on every rank).
     """
     check_kind(kind)
@@ -491,6 +496,11 @@ def fit_curvature(store, kind: str, damping="auto", block_rows: int = DEFAULT_BL
     ctx = dist or SINGLE
     if memory_budget_mb is not None:
         block_rows = fit_block_rows(memory_budget_mb, store, kind)
+    elif kind in ("raw", "ekfac"):
+        try:
+            block_rows = min(block_rows, fit_block_rows(DEFAULT_FIT_BUDGET_MB, store, kind))
+        except InputError:  # even one row exceeds the default budget: stream row by row
+            block_rows = 1
     if block_rows < 1:
         raise InputError(f"block_rows must be >= 1, got {block_rows}")
     started = time.perf_counter()
