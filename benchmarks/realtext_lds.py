@@ -383,35 +383,49 @@ def build_task(out: Path, corpus: str, loop: LoopConfig, n_train: int, n_queries
 
 # --------------------------------------------------------------------------------------------- methods
 
-DOWN = {"gpt2": r"mlp\.c_proj", "llama": r"mlp\.down_proj"}
-
-
 def methods(arch: str) -> list[P.Method]:
-    """The table's rows: dataworth's defaults and one factor at a time, the peers at their defaults."""
+    """The table's rows: dataworth's defaults and one factor at a time, the peers at their defaults, baselines."""
     dw = "run_dataworth.py"
+    exact = ("--projection", "identity", "--curvature", "ekfac")
     return [
         P.Method("dataworth defaults", dw, ("--defaults",), peer=False),
-        P.Method("dataworth exact ekfac", dw, ("--projection", "identity", "--curvature", "ekfac"), peer=False),
-        P.Method("dataworth exact ekfac (damping 1e-8)", dw,
-                 ("--projection", "identity", "--curvature", "ekfac", "--damping", "1e-8"), peer=False),
+        P.Method("dataworth defaults (damping 0.1x)", dw, ("--defaults", "--damping", "0.1x"), peer=False),
+        P.Method("dataworth defaults (damping 1e-2x)", dw, ("--defaults", "--damping", "1e-2x"), peer=False),
+        P.Method("dataworth defaults (damping 1e-3x)", dw, ("--defaults", "--damping", "1e-3x"), peer=False),
+        P.Method("dataworth defaults (damping 1e-4x)", dw, ("--defaults", "--damping", "1e-4x"), peer=False),
+        P.Method("dataworth defaults (damping 1e-8)", dw, ("--defaults", "--damping", "1e-8"), peer=False),
+        P.Method("dataworth defaults (cosine)", dw, ("--defaults", "--mode", "cosine"), peer=False),
+        P.Method("dataworth random-64 ekfac (+lm_head)", dw, ("--rank", "64", "--curvature", "ekfac", "--modules", "."),
+                 peer=False),
+        P.Method("dataworth random-128 ekfac", dw, ("--rank", "128", "--curvature", "ekfac"), peer=False),
+        P.Method("dataworth defaults (4-checkpoint ensemble)", dw, ("--defaults", "--checkpoints", "ensemble"),
+                 peer=False),
+        P.Method("dataworth exact ekfac", dw, exact, peer=False),
+        P.Method("dataworth exact ekfac (damping 1e-8)", dw, (*exact, "--damping", "1e-8"), peer=False),
+        P.Method("dataworth exact ekfac (damping 0.1x)", dw, (*exact, "--damping", "0.1x"), peer=False),
+        P.Method("dataworth exact ekfac (end token)", dw, (*exact, "--measure-end-token"), peer=False),
+        P.Method("dataworth exact ekfac (mlp)", dw, (*exact, "--modules", "mlp"), peer=False),
+        P.Method("dataworth exact ekfac (float16 rows)", dw, (*exact, "--dtype", "float16"), peer=False),
         P.Method("dataworth random-64 raw", dw, ("--rank", "64", "--curvature", "raw", "--dtype", "float16"),
                  peer=False),
-        P.Method("dataworth exact ekfac (end token)", dw,
-                 ("--projection", "identity", "--curvature", "ekfac", "--measure-end-token"), peer=False),
-        P.Method("dataworth exact ekfac (mlp)", dw, ("--projection", "identity", "--curvature", "ekfac",
-                                                    "--modules", "mlp"), peer=False),
-        P.Method("dataworth random-64 ekfac (+lm_head)", dw,
-                 ("--rank", "64", "--curvature", "ekfac", "--modules", "."), peer=False),
         P.Method("dataworth trackstar ensemble", dw, ("--projection", "identity", "--rank", "0", "--optimizer", "adam",
                                                       "--checkpoints", "ensemble"), peer=False),
         P.Method("kronfluence-ekfac", "run_kronfluence.py", ("--strategy", "ekfac", "--damping", "default")),
         P.Method("kronfluence-ekfac (empirical Fisher)", "run_kronfluence.py",
                  ("--strategy", "ekfac", "--damping", "default", "--empirical-fisher")),
-        P.Method("kronfluence-ekfac (damping 0.1×mean)", "run_kronfluence.py", ("--strategy", "ekfac",
-                                                                               "--damping", "auto")),
+        P.Method("kronfluence-ekfac (damping 0.1x)", "run_kronfluence.py", ("--strategy", "ekfac",
+                                                                           "--damping", "auto")),
         P.Method("logix", "run_logix.py", ("--rank", "64")),
         P.Method("trak", "run_trak.py", ("--proj-dim", "512")),
+        P.Method("bm25", "run_baselines.py", ("--kind", "bm25"), peer=False),
+        P.Method("representation similarity", "run_baselines.py", ("--kind", "repsim"), peer=False),
     ]
+
+
+# Run only when named in --methods (or with --slow): minutes of CPU or ~10 GB each on these models.
+SLOW = {"dataworth random-64 raw", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
+        "dataworth exact ekfac (end token)", "dataworth exact ekfac (mlp)", "dataworth exact ekfac (float16 rows)",
+        "kronfluence-ekfac (empirical Fisher)", "kronfluence-ekfac (damping 0.1x)"}
 
 
 def run_with_cpu(method: P.Method, python: str | None, common: list[str], out: Path, timeout: float,
@@ -460,6 +474,8 @@ def run_config(args, corpus: str, arch: str, python: str | None) -> dict:
         if unknown:
             raise InputError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(m.name for m in chosen)})")
         chosen = [m for m in chosen if m.name in wanted]
+    elif not args.slow:
+        chosen = [m for m in chosen if m.name not in SLOW]
     common = ["--model", str(out / "model"), "--train", str(out / "data" / "train.jsonl"), "--queries",
               str(out / "data" / "queries.jsonl"), "--max-length", str(loop.max_length), "--threads", "1"]
     rows = []
@@ -501,6 +517,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ceiling", type=int, default=16, help="subsets retrained with a second seed")
     ap.add_argument("--out", default=str(ROOT / "out" / "realtext"))
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    ap.add_argument("--slow", action="store_true", help="also the slow one-factor rows (SLOW)")
     ap.add_argument("--retrain-only", action="store_true", help="build the retrain cache, run no method")
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this many new retrains (tests)")
     ap.add_argument("--no-retrain", action="store_true", help="run the methods, train no retrain (LDS needs them)")

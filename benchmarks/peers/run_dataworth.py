@@ -30,7 +30,7 @@ def options(ap) -> None:
     ap.add_argument("--rank", type=int, default=32, help="LoGra k_in = k_out")
     ap.add_argument("--curvature", default="ekfac", help="none | raw | kfac | ekfac")
     ap.add_argument("--mode", default="dot", help="dot | cosine | relative")
-    ap.add_argument("--damping", default="auto")
+    ap.add_argument("--damping", default=None, help="as dataworth fit --damping [auto]")
     ap.add_argument("--checkpoints", default="final", choices=("final", "ensemble"),
                     help="ensemble: average the scores of every MODEL/checkpoints/epoch-N")
     ap.add_argument("--optimizer", default="none", choices=("none", "adam"), help="adam: TrackStar scoring")
@@ -39,7 +39,7 @@ def options(ap) -> None:
                     help="query gradients also measure the appended end token (the retrains do not)")
     ap.add_argument("--defaults", action="store_true",
                     help="what a user gets with no flags: ExtractConfig() / fit / score defaults (overrides "
-                         "--projection --rank --curvature --damping --mode --modules --dtype)")
+                         "--projection --rank --curvature --mode --modules --dtype; --damping only when given)")
 
 
 def main() -> None:
@@ -51,7 +51,8 @@ def main() -> None:
     if args.defaults:
         d = ExtractConfig()
         args.projection, args.rank, args.modules, args.dtype = d.projection, d.rank_in, d.modules, d.dtype
-        args.curvature, args.damping, args.mode = DEFAULT_CURVATURE, "auto", "dot"
+        args.curvature, args.mode = DEFAULT_CURVATURE, "dot"
+    args.damping = args.damping or "auto"
 
     method = AttributionConfig(projection=args.projection, rank=args.rank, curvature=args.curvature,
                                damping=args.damping, mode=args.mode, modules=args.modules,
@@ -92,14 +93,13 @@ def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list)
             task = load_task(args, model_dir=str(model_dir))
     store_dir = Path(args.out) / "store"
     shutil.rmtree(store_dir, ignore_errors=True)
-    damping = args.damping if args.damping == "auto" else float(args.damping)
     with clock("fit"):
         store = extract(ExtractConfig(model=str(model_dir), data=args.train, out=str(store_dir), modules=args.modules,
                                       projection=args.projection, rank_in=args.rank or 1, rank_out=args.rank or 1,
                                       dtype=args.dtype, device="cpu", max_length=args.max_length,
                                       batch_size=args.batch_size, shard_rows=4096),
                         model=task.model, tokenizer=task.tokenizer, encoded=task.train, progress=False)
-        curvature = None if method.optimizer == "adam" else fit(store_dir, args.curvature, damping)
+        curvature = None if method.optimizer == "adam" else fit(store_dir, args.curvature, args.damping)
     with clock("score"):
         queries = task.query_rows if args.measure_end_token else task.queries
         q_rows = query_gradients(store, task.model, task.tokenizer, queries, batch_size=args.batch_size,

@@ -13,6 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from click.testing import CliRunner
 from conftest import write_test_store
 
@@ -241,23 +243,27 @@ def test_none_is_the_identity_and_needs_no_fit(tiny_store):
 # Damping
 
 
-def test_auto_damping_is_a_tenth_of_each_modules_mean_eigenvalue(tiny_store, tiny_gradients):
+@pytest.mark.parametrize("spec, fraction", [("auto", C.AUTO_DAMPING_FRACTION), ("0.25x", 0.25), ("1E-3X", 1e-3)])
+def test_relative_damping_is_that_fraction_of_each_modules_mean_eigenvalue(tiny_store, tiny_gradients, spec,
+                                                                         fraction):
     _, modules, kfac = tiny_gradients
     stored = tiny_store.matrix()
-    raw = C.fit(tiny_store.path, "raw", "auto")
-    kfac_fit = C.fit(tiny_store.path, "kfac", "auto")
-    ekfac = C.fit(tiny_store.path, "ekfac", "auto")
+    raw = C.fit(tiny_store.path, "raw", spec)
+    kfac_fit = C.fit(tiny_store.path, "kfac", spec)
+    ekfac = C.fit(tiny_store.path, "ekfac", spec)
     for m in modules:
         fisher = explicit_fisher(stored, m)
-        assert raw.damping[m.name] == pytest.approx(0.1 * np.trace(fisher) / m.size, rel=1e-10)
+        assert raw.damping[m.name] == pytest.approx(fraction * np.trace(fisher) / m.size, rel=1e-10)
         s, a = kfac[m.name]
-        assert kfac_fit.damping[m.name] == pytest.approx(0.1 * np.trace(s) * np.trace(a) / m.size, rel=1e-10)
+        assert kfac_fit.damping[m.name] == pytest.approx(fraction * np.trace(s) * np.trace(a) / m.size, rel=1e-10)
         # EKFAC's Λ has sum = tr(F) (an orthogonal basis change keeps the trace), so the same mean.
-        assert ekfac.damping[m.name] == pytest.approx(0.1 * np.trace(fisher) / m.size, rel=1e-10)
+        assert ekfac.damping[m.name] == pytest.approx(fraction * np.trace(fisher) / m.size, rel=1e-10)
     meta = json.loads(tiny_store.load_tensor_metadata(C.curvature_file("raw"))["dataworth"])
-    assert meta["damping"] == "auto" and meta["kind"] == "raw"
+    assert meta["damping"] == str(C.parse_damping(spec)) and meta["kind"] == "raw"
     assert meta["damping_values"] == pytest.approx(raw.damping)
-    assert C.load_curvature(tiny_store, "raw").damping == pytest.approx(raw.damping)
+    loaded = C.load_curvature(tiny_store, "raw")
+    assert loaded.damping == pytest.approx(raw.damping)
+    assert loaded.damping_spec == C.parse_damping(spec)
 
 
 def test_auto_damping_of_an_all_zero_module_falls_back_to_one(tmp_path):
@@ -265,10 +271,19 @@ def test_auto_damping_of_an_all_zero_module_falls_back_to_one(tmp_path):
     rows[:, :2] = 1.0
     store = write_store(tmp_path / "s", rows, modules_layout([("a", 1, 2), ("b", 2, 2)]))
     fitted = C.fit(store.path, "raw", "auto")
-    assert fitted.damping == {"a": pytest.approx(0.1 * 1.0), "b": 1.0}
+    assert fitted.damping == {"a": pytest.approx(C.AUTO_DAMPING_FRACTION * 1.0), "b": 1.0}
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, "0", "-3", "nan", "inf", "lots"])
+@given(st.one_of(st.floats(min_value=1e-300, max_value=1e300),
+                 st.floats(min_value=1e-300, max_value=1e300).map(lambda f: f"{f!r}x"),
+                 st.just("auto")))
+def test_a_damping_spec_survives_its_own_text(spec):
+    parsed = C.parse_damping(spec)
+    assert C.parse_damping(str(parsed)) == parsed == C.parse_damping(parsed.to_json())
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "0", "-3", "nan", "inf", "lots", "x", "0x", "-1e-3x", "nanx", "infx",
+                                 "1e-3xx", "auto x"])
 def test_damping_that_is_not_a_positive_number_is_an_input_error(tiny_store, bad):
     with pytest.raises(InputError, match="--damping"):
         C.fit(tiny_store.path, "raw", bad)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import click
 
-from dataworth.influence.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE, fit
+from dataworth.influence.curvature import CURVATURE_KINDS, DAMPING_HELP, DEFAULT_CURVATURE, fit
 
 
 @click.command("fit")
 @click.option("--store", "store", required=True, type=click.Path(file_okay=False), help="Gradient store directory.")
 @click.option("--curvature", type=click.Choice(list(CURVATURE_KINDS)), default=DEFAULT_CURVATURE, show_default=True,
               help="none: identity; raw: exact projected Fisher; kfac: S ⊗ A; ekfac: KFAC basis, refitted eigenvalues.")
-@click.option("--damping", default="auto", show_default=True,
-              help="λ > 0, or 'auto' = 0.1 × mean eigenvalue of each module's curvature.")
+@click.option("--damping", default="auto", show_default=True, help=DAMPING_HELP)
 @click.option("--block-rows", type=int, default=1024, show_default=True, help="Store rows read per block.")
 @click.option("--memory-budget", "memory_budget", type=float, default=None,
               help="MiB for the streaming buffers; chooses --block-rows so memory stays bounded whatever the store size.")

@@ -20,7 +20,13 @@ from dataworth.evaluation.retrain import LdsTask
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.gradients.projection import dense_project
 from dataworth.gradients.queries import query_gradients
-from dataworth.influence.curvature import check_kind, fit_curvature
+from dataworth.influence.curvature import (
+    DampingSpec,
+    check_kind,
+    fit_curvature,
+    parse_damping,
+    resolve_damping,
+)
 from dataworth.influence.scores import check_mode, score_rows
 from dataworth.model.load import load_model
 from dataworth.model.optimizer import (
@@ -28,13 +34,17 @@ from dataworth.model.optimizer import (
     second_moment_estimates,
 )
 
+# TrackStar whitens with R + λI, λ = this × mean eigenvalue of R under --damping auto (its own choice, kept
+# apart from the influence curvature's auto).
+TRACKSTAR_DAMPING_FRACTION = 0.1
+
 
 @dataclass(frozen=True)
 class AttributionConfig:
     """How dataworth attributes the task's queries (one row of the LDS table).
 
     ``projection``: ``random`` | ``pca`` | ``identity`` (LoGra; ``rank`` = k_in = k_out, ignored for identity).
-    ``curvature``: ``none`` | ``raw`` | ``kfac`` | ``ekfac``; ``damping``: a float or ``auto``.
+    ``curvature``: ``none`` | ``raw`` | ``kfac`` | ``ekfac``; ``damping``: as ``dataworth fit --damping``.
     ``mode``: ``dot`` | ``cosine`` | ``relative`` (``dataworth.influence.scores``).
     ``checkpoints``: ``final`` (the full-data model) or ``ensemble`` — the mean of the score matrices of
     the task's kept per-epoch checkpoints (TRAK's model ensemble / TracIn's checkpoint sum, with equal
@@ -176,7 +186,9 @@ def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: Att
     r = (1 - method.mix) * (train_p.T @ train_p) / len(train_p) + method.mix * (query_p.T @ query_p) / len(query_p)
     values, vectors = np.linalg.eigh(r)
     values = np.clip(values, 0, None)
-    damping = 0.1 * values.mean() if method.damping == "auto" else float(method.damping)
+    spec = parse_damping(method.damping)
+    damping = resolve_damping(spec if not spec.is_auto else DampingSpec(fraction=TRACKSTAR_DAMPING_FRACTION),
+                              float(values.mean()))
     whiten = (vectors / np.sqrt(values + damping)) @ vectors.T  # R^{-1/2}
     return _unit(query_p @ whiten) @ _unit(train_p @ whiten).T
 

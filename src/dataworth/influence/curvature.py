@@ -28,10 +28,10 @@ Per module ``m`` (``N`` store rows ``ĝ_n``, ``D_m = k_out · k_in``):
   ``Λ[o, i] = (1/N) Σ_n (Q_Sᵀ Ĝ_n Q_A)[o, i]²`` (one streaming pass, no model run), then
   ``(F + λI)⁻¹ vec(G) = vec(Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + λ)] Q_Aᵀ)``.
 
-Damping ``λ > 0`` is per module: an explicit float (the same for every module) or ``auto`` =
-``0.1 × mean eigenvalue`` of that module's curvature (``mean(e)`` for raw, ``mean(e_S)·mean(e_A)`` for kfac,
-``mean(Λ)`` for ekfac). A module whose curvature is exactly zero (all its gradients are zero) gets ``λ = 1``
-under ``auto`` — any positive value gives the same influence there, because its training rows are zero.
+Damping ``λ > 0`` is per module: an explicit float (the same for every module), a fraction ``f`` of the mean
+eigenvalue of that module's curvature (``--damping 1e-3x``), or ``auto`` = ``AUTO_DAMPING_FRACTION ×`` that
+mean (``mean(e)`` for raw, ``mean(e_S)·mean(e_A)`` for kfac, ``mean(Λ)`` for ekfac). A module whose curvature is exactly zero (all its gradients are zero) gets ``λ = 1``
+under a relative damping — any positive value gives the same influence there, because its training rows are zero.
 The value used for each module is recorded in the saved file and in ``Curvature.damping``.
 
 Saved as ``curvature/{kind}.safetensors`` in the store: float64 tensors per module (``{m}.eigvecs``,
@@ -89,34 +89,51 @@ def curvature_file(kind: str) -> str:
 
 @dataclass(frozen=True)
 class DampingSpec:
-    """Damping as asked for: ``value`` (a float > 0) or ``None`` meaning ``auto`` (0.1 × mean eigenvalue)."""
+    """Damping as asked for: an absolute ``value`` (a float > 0, the same for every module) or a ``fraction`` of
+    each module's mean eigenvalue (``'1e-3x'``); ``auto`` is the fraction `AUTO_DAMPING_FRACTION`."""
 
     value: float | None = None
+    fraction: float | None = None
 
     @property
     def is_auto(self) -> bool:
-        return self.value is None
+        return self.value is None and self.fraction is None
+
+    @property
+    def relative(self) -> float:
+        """The fraction of the mean eigenvalue used (auto's when none was given)."""
+        return AUTO_DAMPING_FRACTION if self.fraction is None else self.fraction
 
     def to_json(self) -> str | float:
-        return "auto" if self.value is None else self.value
+        return str(self) if self.value is None else self.value
 
     def __str__(self) -> str:
-        return "auto" if self.value is None else repr(self.value)
+        if self.value is not None:
+            return repr(self.value)
+        return "auto" if self.fraction is None else f"{self.fraction!r}x"
+
+
+DAMPING_HELP = (f"λ: 'auto' (= {AUTO_DAMPING_FRACTION!r}x), a fraction of each module's mean eigenvalue ('1e-3x'), "
+                "or an absolute number > 0.")
 
 
 def parse_damping(damping: "str | float | int | DampingSpec | None", flag: str = "--damping") -> DampingSpec:
-    """``'auto'`` / ``None`` → auto; a number (or its text) > 0 → that value; anything else → InputError."""
+    """``'auto'`` / ``None`` → auto; ``'<f>x'`` → ``f ×`` mean eigenvalue; a number (or its text) > 0 → that
+    absolute value; anything else → InputError."""
     if isinstance(damping, DampingSpec):
         return damping
-    if damping is None or (isinstance(damping, str) and damping.strip().lower() == "auto"):
-        return DampingSpec(None)
+    text = damping.strip().lower() if isinstance(damping, str) else None
+    if damping is None or text == "auto":
+        return DampingSpec()
+    relative = text is not None and text.endswith("x")
     try:
-        value = float(damping)
+        value = float(text[:-1] if relative else damping)
     except (TypeError, ValueError):
-        raise InputError(f"{flag}: expected 'auto' or a number > 0, got {damping!r}") from None
+        raise InputError(f"{flag}: expected 'auto', a fraction of the mean eigenvalue like '1e-3x', or a number > 0, "
+                         f"got {damping!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise InputError(f"{flag}: damping must be a finite number > 0 (or 'auto'), got {damping!r}")
-    return DampingSpec(value)
+        raise InputError(f"{flag}: damping must be finite and > 0 ('auto', '1e-3x' or a number), got {damping!r}")
+    return DampingSpec(fraction=value) if relative else DampingSpec(value)
 
 
 def check_kind(kind: str, flag: str = "--curvature") -> str:
@@ -312,11 +329,12 @@ def eigh_psd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def resolve_damping(spec: DampingSpec, mean_eigenvalue: float) -> float:
-    """``λ`` for one module: the explicit value, or ``0.1 × mean eigenvalue`` (``1.0`` if that is 0)."""
+    """``λ`` for one module: the explicit value, or the spec's fraction × mean eigenvalue (``1.0`` if that is
+    0)."""
     if spec.value is not None:
         return float(spec.value)
-    auto = AUTO_DAMPING_FRACTION * float(mean_eigenvalue)
-    return auto if auto > 0 else ZERO_CURVATURE_DAMPING
+    relative = spec.relative * float(mean_eigenvalue)
+    return relative if relative > 0 else ZERO_CURVATURE_DAMPING
 
 
 def second_moments(blocks: Iterable[np.ndarray], modules: Sequence, ctx: DistContext = SINGLE
@@ -541,7 +559,7 @@ def fit(store_path, curvature: str = DEFAULT_CURVATURE, damping="auto",
         block_rows: int = DEFAULT_BLOCK_ROWS, *, memory_budget_mb: float | None = None) -> Curvature:
     """``dw.fit``: fit ``curvature`` (none|raw|kfac|ekfac) for the store at ``store_path``, save it, return it.
 
-    ``damping``: a float > 0 or ``"auto"`` (0.1 × mean eigenvalue per module). Fitting streams the store
+    ``damping``: a float > 0, ``"<f>x"`` (f × mean eigenvalue per module) or ``"auto"``. Fitting streams the store
     once (raw, ekfac) or reads the KFAC factors (kfac); it never runs the model. ``memory_budget_mb``:
     bound the block buffers (`fit_block_rows`). Launched by torchrun / accelerate (``WORLD_SIZE`` > 1):
     each rank streams its shards, sums are all-reduced, rank 0 saves.
