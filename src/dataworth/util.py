@@ -4,21 +4,28 @@ Why a module of its own: each of these was written several times with slightly d
 pad-id fallbacks, ten atomic writes, two device parsers). Here each is written once; a stage imports this
 module and `dataworth.errors`, nothing else that is not upstream of it. No torch at import time: the
 numpy-only store readers import this module too (torch is imported inside the two functions that need it).
+The writer lock (`directory_lock`) and the directory swap (`swap_directory`) live here too: both the store
+and the scores directory need them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from dataworth.errors import InputError
 
 HASH_CHUNK = 1 << 24  # 16 MiB: hashing a file never holds more than this in memory
+LOCK_FILE = ".dataworth.lock"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,6 +63,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
+        # Some writers (safetensors) create their file 0600; every file we write gets what open() would give.
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -90,6 +99,24 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+_UMASK: list[int] = []
+_UMASK_LOCK = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process umask, read once: from ``/proc/self/status`` where there is one, else by setting and
+    restoring it (``os.umask`` can only be read that way, so never twice at once)."""
+    with _UMASK_LOCK:
+        if not _UMASK:
+            try:
+                line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+                _UMASK.append(int(line.split()[1], 8))
+            except (OSError, StopIteration, ValueError, IndexError):
+                _UMASK.append(os.umask(0o022))
+                os.umask(_UMASK[0])
+        return _UMASK[0]
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 hex digest of a file, read in 16 MiB chunks."""
     h = hashlib.sha256()
@@ -97,6 +124,157 @@ def file_sha256(path: str | os.PathLike) -> str:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"sha256", "size"}`` of a file as written: what a manifest or summary records to verify it later."""
+    return {"sha256": file_sha256(path), "size": os.stat(path).st_size}
+
+
+def verify_file(path: str | os.PathLike, rel: str, record: dict[str, Any] | str, *, source: str,
+                remedy: str, hash_it: bool = True) -> None:
+    """InputError naming ``path`` unless it exists and matches ``record`` (a ``file_record`` or a bare sha256).
+
+    The size is compared first (a truncated file is caught without reading it); ``hash_it=False`` stops
+    there. ``source`` says where the record lives ("the manifest"), ``remedy`` what to do about a mismatch.
+    """
+    path = Path(path)
+    expected = {"sha256": record} if isinstance(record, str) else dict(record)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing ({rel} is listed in {source}); {remedy}") from None
+    if expected.get("size") is not None and size != expected["size"]:
+        raise InputError(f"{path}: size {size} bytes, {source} records {expected['size']} (truncated or "
+                         f"replaced {rel}); {remedy}")
+    if hash_it and file_sha256(path) != expected.get("sha256"):
+        raise InputError(f"{path}: checksum error in {rel} (sha256 differs from {source}); {remedy}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writer lock: one writer per directory at a time, across processes
+
+_HELD_LOCKS: dict[str, tuple[int, object]] = {}  # real path of a locked directory -> (flock fd, holder token)
+_HELD_LOCKS_GUARD = threading.Lock()
+
+
+def acquire_directory_lock(directory: str | os.PathLike, what: str = "directory") -> object | None:
+    """Take the exclusive writer lock of ``directory`` (``DIR/.dataworth.lock``, ``flock``, holding our pid).
+
+    Returns a token when this call took the lock (give it to `release_directory_lock`), None when this
+    process already holds it (a writer inside a writer: the outer one releases). Another process holding
+    it → InputError naming its pid. The kernel drops a flock when its process dies, so the file a killed
+    writer left is simply taken over. The file is removed on release while still locked; a process that
+    opened it just before then finds that the path no longer names the inode it locked, and tries again.
+    """
+    directory = Path(directory)
+    key = os.path.realpath(directory)
+    with _HELD_LOCKS_GUARD:
+        if key in _HELD_LOCKS:
+            return None
+        target = directory / LOCK_FILE
+        while True:
+            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise InputError(f"{directory}: another dataworth process (pid {holder}) is writing this {what} "
+                                 f"(lock {target}); wait for it to finish or stop it") from None
+            if _same_file(fd, target):
+                break
+            os.close(fd)  # released and removed by its holder meanwhile: lock the new file
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        token = object()
+        _HELD_LOCKS[key] = (fd, token)
+        return token
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
+def release_directory_lock(directory: str | os.PathLike, token: object | None = None) -> None:
+    """Give up the writer lock of ``directory`` (removing the lock file): the one ``token`` took, or with
+    ``token=None`` whichever this process holds. A token whose lock was already released does nothing."""
+    key = os.path.realpath(directory)
+    with _HELD_LOCKS_GUARD:
+        held = _HELD_LOCKS.get(key)
+        if held is None or (token is not None and held[1] is not token):
+            return
+        del _HELD_LOCKS[key]
+        try:
+            (Path(directory) / LOCK_FILE).unlink(missing_ok=True)
+        finally:
+            os.close(held[0])
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, what: str = "directory") -> Iterator[None]:
+    """Hold the writer lock of ``directory`` for a block (`acquire_directory_lock`); released after it unless
+    an outer holder in this process took it first."""
+    token = acquire_directory_lock(directory, what)
+    try:
+        yield
+    finally:
+        if token is not None:
+            release_directory_lock(directory, token)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replacing a whole directory: a reader sees the old one or the new one, never a mix
+
+
+def staging_directory(target: str | os.PathLike, token: int | None = None) -> Path:
+    """A fresh sibling of ``target`` to fill before `swap_directory` moves it in: ``.NAME.staging-<pid>``.
+
+    Beside ``target`` so the final rename stays on one filesystem. ``token`` (default: our pid) lets the
+    ranks of one run agree on the name.
+    """
+    target = Path(os.path.realpath(target))
+    staging = target.with_name(f".{target.name}.staging-{os.getpid() if token is None else token}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def swap_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Replace the directory ``target`` by ``staging``: rename the old one away, rename the new one in, delete
+    the old one. No file of the old directory survives in the new one.
+
+    The renames run under an ``flock`` of the parent directory, so two runs finishing at once replace the
+    directory one after the other (the last one wins) instead of failing half-way. A crash between the
+    two renames leaves the old contents in ``.NAME.old-<pid>`` beside an absent ``target``.
+    """
+    staging = Path(staging)
+    target = Path(os.path.realpath(target))
+    fsync_dir(staging)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(target, old)
+        os.rename(staging, target)
+        fsync_dir(target.parent)
+    finally:
+        os.close(fd)  # releases the flock
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------

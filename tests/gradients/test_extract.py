@@ -21,6 +21,7 @@ from dataworth.gradients.extract import (
 )
 from dataworth.gradients.modules import select_modules
 from dataworth.gradients.projection import build_projections, random_projection
+from dataworth.store.reader import open_store
 
 
 def mixed_rows(vocab: int, n: int = 6, seed: int = 0) -> list[Encoded]:
@@ -321,3 +322,42 @@ def test_query_measurement_leaves_out_the_appended_end_token(tiny_tokenizer):
     assert without_end_token(row, tiny_tokenizer).loss_mask == [0, 0, 1, 1, 0]
     only_eos = Encoded("q", [1, 5, eos], [0, 0, 1])  # nothing else to measure: keep it
     assert without_end_token(only_eos, tiny_tokenizer).loss_mask == [0, 0, 1]
+
+
+HOLD_LOCK = r"""
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".dataworth.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\n".encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_extract_on_a_store_being_written_is_refused_and_touches_nothing(model_dir, tmp_path):
+    """Issue 16: two extracts on one ``--out`` raced (the second deleted the first's tmp files and unlisted
+    shards). While another process holds the store's writer lock, extract — even with ``--overwrite`` — is
+    refused with one line naming that process; once it is gone, its lock is taken over."""
+    from click.testing import CliRunner
+
+    from dataworth.cli import cli
+
+    out = tmp_path / "s"
+    extract(_config(model_dir, out), progress=False, stop_after_shards=2)  # a partial store, as if still running
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["extract", "--model", str(model_dir / "model"), "--data", str(model_dir / "data.jsonl"), "--out",
+                str(out), "--rank", "2", "--modules", "mlp", "--device", "cpu", "--overwrite"]
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and f"pid {holder.pid}" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+        after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        assert after == {**before, ".dataworth.lock": f"{holder.pid}\n".encode()}
+    finally:
+        holder.kill()
+        holder.wait()
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert not (out / ".dataworth.lock").exists() and open_store(out).rows == 23

@@ -501,3 +501,192 @@ def test_score_stream_cli_saves_scores_and_refuses_contradictory_flags(stream_wo
         refused = CliRunner().invoke(cli, bad)
         assert refused.exit_code == 2, refused.output
         assert message in refused.output and len(refused.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A scores directory describes exactly one run (issue 16): no stale files, every file checked
+
+
+def score_cli(store, qfile, out, *extra):
+    from dataworth.cli import cli
+
+    return CliRunner().invoke(cli, ["score", "--store", str(store), "--queries", str(qfile), "--out", str(out),
+                                    *extra])
+
+
+def value_cli(scores_dir, *extra):
+    from dataworth.cli import cli
+
+    return CliRunner().invoke(cli, ["value", "--scores", str(scores_dir), *extra])
+
+
+def assert_one_line_error(result, *needles):
+    """Exit 2 with one ``error:`` line holding every needle (a ``note:`` line may come before it), no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("note: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], result.output
+
+
+def test_a_rerun_without_full_leaves_no_matrix_or_self_influence_of_the_earlier_run(random_store, fake_model,
+                                                                                   tmp_path):
+    """Issue 16's reproduction: ``score --full --self`` then ``score`` (no ``--full``) into the same ``--out``:
+    ``value`` must use the second run's top-k entries, not the first run's matrix."""
+    out = tmp_path / "out"
+    first = score_cli(random_store.path, write_queries(tmp_path / "a.jsonl", QUERY_ROWS), out, "--curvature", "raw",
+                      "--full", "--self")
+    assert first.exit_code == 0, first.output
+    assert (out / "scores.npy").is_file() and (out / "self_influence.parquet").is_file()
+    second = score_cli(random_store.path, write_queries(tmp_path / "b.jsonl", QUERY_ROWS[:1]), out,
+                       "--curvature", "raw")
+    assert second.exit_code == 0, second.output
+    assert sorted(p.name for p in out.iterdir()) == ["queries.parquet", "summary.json", "topk.jsonl", "topk.parquet"]
+    loaded = S.load_scores(out)
+    assert loaded.matrix is None and loaded.self_influence is None and loaded.query_ids == ["alice"]
+    result = value_cli(out)
+    assert result.exit_code == 0, result.output
+    assert "top-k entries only" in result.output and "over 1 queries" in result.output
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name or ".old-" in p.name]
+
+
+def test_a_file_of_another_run_is_refused_naming_it(random_store, fake_model, tmp_path):
+    for name, rows in (("a", QUERY_ROWS), ("b", QUERY_ROWS[:1])):
+        qfile = write_queries(tmp_path / f"{name}.jsonl", rows)
+        assert score_cli(random_store.path, qfile, tmp_path / name, "--curvature", "raw", "--full",
+                         "--self").exit_code == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    for name in ("topk.parquet", "scores.npy", "self_influence.parquet", "queries.parquet"):
+        original = (b / name).read_bytes()
+        (b / name).write_bytes((a / name).read_bytes())
+        assert_one_line_error(value_cli(b), str(b / name))
+        (b / name).write_bytes(original)
+    assert value_cli(b).exit_code == 0
+
+
+def test_a_parquet_file_carrying_another_run_id_is_refused_even_with_a_matching_checksum(random_store, tmp_path):
+    curv = C.load_curvature(random_store, "none")
+    S.score_rows(random_store, queries(2), qids(2), curv, top_k=2).save(tmp_path / "a")
+    S.score_rows(random_store, queries(2), qids(2), curv, top_k=2).save(tmp_path / "b")
+    summary = json.loads((tmp_path / "b/summary.json").read_text())
+    (tmp_path / "b/topk.parquet").write_bytes((tmp_path / "a/topk.parquet").read_bytes())
+    summary["checksums"]["topk.parquet"] = json.loads((tmp_path / "a/summary.json").read_text())["checksums"][
+        "topk.parquet"]
+    (tmp_path / "b/summary.json").write_text(json.dumps(summary))
+    with pytest.raises(InputError, match=r"topk.parquet: belongs to run \w+, but .* describes run"):
+        S.load_scores(tmp_path / "b")
+
+
+def test_a_truncated_topk_parquet_is_a_one_line_error_not_a_pyarrow_traceback(random_store, fake_model, tmp_path):
+    out = tmp_path / "out"
+    assert score_cli(random_store.path, write_queries(tmp_path / "q.jsonl", QUERY_ROWS), out,
+                     "--curvature", "none").exit_code == 0
+    topk = out / "topk.parquet"
+    topk.write_bytes(topk.read_bytes()[:-40])
+    assert_one_line_error(value_cli(out), "topk.parquet", "truncated")
+    # A directory written before checksums existed: pyarrow's own error, still one line naming the file.
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("run_id", "checksums"):
+        del summary[key]
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert_one_line_error(value_cli(out), "topk.parquet: not a readable parquet file")
+
+
+def test_scores_written_before_run_ids_are_read_with_a_note_and_only_their_listed_files(random_store, tmp_path,
+                                                                                       capsys):
+    curv = C.load_curvature(random_store, "none")
+    out = tmp_path / "old"
+    S.score_rows(random_store, queries(2), qids(2), curv, top_k=2, full=True).save(out)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("run_id", "checksums"):
+        del summary[key]
+    summary["files"].pop("matrix")  # an older run's matrix left behind: not listed, so not read
+    (out / "summary.json").write_text(json.dumps(summary))
+    loaded = S.load_scores(out)
+    assert loaded.matrix is None and loaded.query_ids == qids(2)
+    err = capsys.readouterr().err
+    assert "older dataworth" in err and "scores.npy: not listed" in err
+
+
+def test_score_out_refuses_a_directory_holding_a_users_file_and_leaves_it(random_store, fake_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = score_cli(random_store.path, write_queries(tmp_path / "q.jsonl", QUERY_ROWS), out, "--curvature", "none")
+    assert_one_line_error(result, "notes.txt", "choose an empty or new one")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+@settings(max_examples=12, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 6), st.booleans(), st.booleans(), st.booleans()),
+                     min_size=1, max_size=4))
+def test_after_any_sequence_of_runs_into_one_directory_it_describes_the_last_run(random_store, runs):
+    """Runs ``(queries, top_k, full, self, matrix streamed to disk)`` saved into one directory: afterwards it
+    holds exactly the last run's files, each of its run, and loads to the last run's results."""
+    import tempfile
+    from pathlib import Path
+
+    curv = C.load_curvature(random_store, "none")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        for n, k, full, self_, streamed in runs:
+            result = S.score_rows(random_store, queries(n, seed=n + k), qids(n), curv, top_k=k, full=full,
+                                  with_self_influence=self_, out_dir=out if streamed and full else None)
+            result.save(out)
+        loaded = S.load_scores(out)
+        n, k, full, self_, _ = runs[-1]
+        expected = {"queries.parquet", "summary.json", "topk.jsonl", "topk.parquet"}
+        expected |= {"scores.npy"} if full else set()
+        expected |= {"self_influence.parquet"} if self_ else set()
+        assert {p.name for p in out.iterdir()} == expected
+        assert set(loaded.summary["files"].values()) | {"summary.json"} == expected
+        assert loaded.query_ids == qids(n) and loaded.summary["top_k"] == min(k, random_store.rows)
+        pd.testing.assert_frame_equal(loaded.to_pandas(), result.to_pandas())
+        assert (loaded.matrix is not None) == full and (loaded.self_influence is not None) == self_
+        if full:
+            np.testing.assert_array_equal(np.asarray(loaded.matrix), np.asarray(result.matrix))
+        assert [p.name for p in Path(tmp).iterdir()] == ["out"]  # no staging or old directory left
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Curvature checksums and the default curvature (issue 16)
+
+
+@pytest.fixture
+def kfac_store(tmp_path):
+    """A store of the 18-column layout with KFAC factors, so every curvature kind can be fitted."""
+    rng = np.random.default_rng(4)
+
+    def spd(k):
+        m = rng.normal(size=(k, k))
+        return m @ m.T + k * np.eye(k)
+
+    return write_test_store(tmp_path / "kstore", rng.normal(size=(30, 18)).astype(np.float32), MODULES, HEADER,
+                            shard_rows=7, kfac={"a": (spd(3), spd(4)), "b": (spd(2), spd(3))})
+
+
+def test_a_flipped_byte_in_ekfac_is_refused_by_score_naming_the_file(kfac_store, fake_model, tmp_path):
+    C.fit(kfac_store.path, "ekfac")
+    target = kfac_store.path / "curvature/ekfac.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x10  # an eigenvalue's byte: before the fix, 10 of 100 top-k entries changed with exit 0
+    target.write_bytes(bytes(data))
+    result = score_cli(kfac_store.path, write_queries(tmp_path / "q.jsonl", QUERY_ROWS), tmp_path / "out",
+                       "--curvature", "ekfac")
+    assert_one_line_error(result, "checksum error in curvature/ekfac.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_without_curvature_uses_the_only_fitted_one_and_says_so(kfac_store, fake_model, tmp_path):
+    qfile = write_queries(tmp_path / "q.jsonl", QUERY_ROWS)
+    C.fit(kfac_store.path, "raw", 0.3)
+    result = score_cli(kfac_store.path, qfile, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "using raw, the only curvature fitted" in result.stderr
+    assert S.load_scores(tmp_path / "out").summary["curvature"] == "raw"
+    assert SC.score(kfac_store.path, qfile).summary["curvature"] == "raw"  # the Python API chooses alike
+
+    C.fit(kfac_store.path, "kfac")
+    assert_one_line_error(score_cli(kfac_store.path, qfile, tmp_path / "out"), "raw, kfac", "--curvature")
+    C.fit(kfac_store.path, "ekfac")
+    assert SC.score(kfac_store.path, qfile).summary["curvature"] == "ekfac"  # the default, once it is fitted

@@ -118,6 +118,19 @@ def _parse(path: Path) -> _Page:
     return page
 
 
+def topk_only_scores(pipeline, target: Path, keep=None) -> Path:
+    """The pipeline's scores without the full matrix (and with only the top-k rows ``keep`` selects), saved to
+    ``target`` as a run of their own: files edited in place would no longer match their summary."""
+    from dataworth.influence.scores import load_scores
+
+    scores = load_scores(pipeline["root"] / "scores")
+    scores.matrix = None
+    if keep is not None:
+        scores.table = keep(scores.table.copy()).reset_index(drop=True)
+    scores.save(target)
+    return target
+
+
 def _expected_token_count(pipeline) -> int:
     """Σ over shown (query, direction, rank) of min(tokens of the document as stored, DISPLAY_LIMIT)."""
     from dataworth.data.encode import encode_rows
@@ -309,9 +322,7 @@ def test_value_ledger_equals_explicit_sums_over_the_score_matrix(pipeline):
 def test_value_ledger_without_the_full_matrix_sums_the_topk_entries_once(pipeline, tmp_path):
     from dataworth.reports.ledger import value_ledger
 
-    scores_dir = tmp_path / "scores"
-    shutil.copytree(pipeline["root"] / "scores", scores_dir)
-    (scores_dir / "scores.npy").unlink()
+    scores_dir = topk_only_scores(pipeline, tmp_path / "scores")
     table = pipeline["scores"].to_pandas()
     ledger = value_ledger(scores_dir, out=tmp_path / "ledger").set_index("train_id")
     assert ledger.attrs["basis"] == "topk" and len(ledger) == 10
@@ -356,13 +367,12 @@ def test_hurts_most_lists_only_negative_scores_and_says_when_there_are_none(pipe
     hurting, and a query whose kept scores are all positive says that no training row hurts it."""
     from dataworth.reports.report import report
 
-    scores_dir = tmp_path / "scores"
-    shutil.copytree(pipeline["root"] / "scores", scores_dir)
-    (scores_dir / "scores.npy").unlink()
-    table = pd.read_parquet(scores_dir / "topk.parquet")
-    bob = table.query_id == "q-bob"
-    table.loc[bob, "score"] = table.loc[bob, "score"].abs() + 1e-3  # every kept score of q-bob positive
-    table.to_parquet(scores_dir / "topk.parquet", index=False)
+    def all_positive_for_bob(table):
+        bob = table.query_id == "q-bob"
+        table.loc[bob, "score"] = table.loc[bob, "score"].abs() + 1e-3  # every kept score of q-bob positive
+        return table
+
+    scores_dir = topk_only_scores(pipeline, tmp_path / "scores", all_positive_for_bob)
     page_path = report(scores_dir, tmp_path / "out")
     html = page_path.read_text(encoding="utf-8")
     section = html.split('data-query-id="q-bob"')[1].split("</section>")[0]
@@ -377,11 +387,7 @@ def test_hurts_most_lists_only_negative_scores_and_says_when_there_are_none(pipe
 def test_a_query_with_no_scored_rows_gets_a_visible_message(pipeline, tmp_path):
     from dataworth.reports.report import report
 
-    scores_dir = tmp_path / "scores"
-    shutil.copytree(pipeline["root"] / "scores", scores_dir)
-    (scores_dir / "scores.npy").unlink()
-    table = pd.read_parquet(scores_dir / "topk.parquet")
-    table[table.query_id != "q-bob"].to_parquet(scores_dir / "topk.parquet", index=False)
+    scores_dir = topk_only_scores(pipeline, tmp_path / "scores", lambda t: t[t.query_id != "q-bob"])
     page_path = report(scores_dir, tmp_path / "out", top_k=1)
     text = page_path.read_text(encoding="utf-8")
     bob = text.split('data-query-id="q-bob"')[1].split("</section>")[0]
@@ -470,3 +476,34 @@ def test_headless_chromium_renders_the_report_without_errors_or_injected_script(
     if os.environ.get("DATAWORTH_UPDATE_SCREENSHOT") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "report-screenshot.png")
+
+
+def test_value_and_report_refuse_a_store_with_other_rows_in_the_same_number(pipeline, tmp_path):
+    """Issue 16's reproduction: ``tac train.jsonl > rev.jsonl``, extract it with the same settings, then
+    ``value --store rev`` / ``report --store rev``: same row count, other documents at each row — refused,
+    naming both store digests, instead of crediting r9's value to r20."""
+    from click.testing import CliRunner
+
+    from dataworth.cli import cli
+    from dataworth.gradients.extract import ExtractConfig, extract
+    from dataworth.store.reader import open_store
+
+    root = pipeline["root"]
+    lines = (root / "train.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "rev.jsonl").write_text("".join(reversed(lines)))
+    rev = extract(ExtractConfig(model=str(root / "model"), data=str(tmp_path / "rev.jsonl"), out=str(tmp_path / "rev"),
+                                modules="mlp", projection="random", rank_in=4, rank_out=3, seed=1, dtype="float32",
+                                batch_size=4, shard_rows=4, max_length=MAX_LENGTH, device="cpu"), progress=False)
+    scored = open_store(root / "store")
+    assert rev.rows == scored.rows and rev.ids != scored.ids
+    runner = CliRunner()
+    for args in (["value", "--scores", str(root / "scores"), "--store", str(rev.path), "--out", str(tmp_path / "v")],
+                 ["report", "--scores", str(root / "scores"), "--store", str(rev.path), "--out", str(tmp_path / "r")]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+        assert rev.digest[:16] in result.output and scored.digest[:16] in result.output, result.output
+    assert not (tmp_path / "v").exists() and not (tmp_path / "r").exists()
+    ok = runner.invoke(cli, ["value", "--scores", str(root / "scores"), "--store", str(root / "store"),
+                             "--out", str(tmp_path / "v")])
+    assert ok.exit_code == 0, ok.output

@@ -36,7 +36,8 @@ from dataworth.influence.scores import SCORE_MODES
                    "relative: dot / self-influence.")
 @click.option("--curvature", type=click.Choice(list(CURVATURE_KINDS)), default=None,
               help=f"Fitted curvature to precondition with (run `dataworth fit` first unless none); default "
-                   f"{DEFAULT_CURVATURE} with --store, none (the only choice) with --no-store.")
+                   f"{DEFAULT_CURVATURE} with --store (or the only one fitted), none (the only choice) with "
+                   "--no-store.")
 @click.option("--top-k", "top_k", type=int, default=10, show_default=True,
               help="Most positive and most negative rows kept per query (clamped to the store size).")
 @click.option("--full", is_flag=True, help="Also write the full [queries × rows] matrix to OUT/scores.npy.")
@@ -74,7 +75,7 @@ def score_command(store, no_store, data, modules, projection, rank, seed, batch_
                               rank_out=rank, seed=seed, mode=mode, top_k=top_k, batch_size=batch_size,
                               max_length=max_length, device=device, full=full, out=out)
     else:
-        result = score(store, queries, model, mode=mode, curvature=curvature or DEFAULT_CURVATURE, top_k=top_k,
+        result = score(store, queries, model, mode=mode, curvature=curvature, top_k=top_k,
                        full=full, self_influence=self_influence, out=out, block_rows=block_rows, device=device,
                        memory_budget_mb=memory_budget)
     shutdown()

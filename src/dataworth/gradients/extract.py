@@ -76,7 +76,7 @@ from dataworth.store.format import (
     STORE_DTYPES,
     ModuleSpec,
 )
-from dataworth.store.reader import open_store
+from dataworth.store.reader import check_side_file, open_store
 from dataworth.store.tensors import save_tensors
 from dataworth.store.writer import (
     StoreWriter,
@@ -87,14 +87,17 @@ from dataworth.store.writer import (
     write_shard_files,
 )
 from dataworth.util import (
+    acquire_directory_lock,
+    file_record,
     human_bytes,
     pad_token_id,
+    release_directory_lock,
     resolve_device,
     say,
-    write_json_atomic,
 )
 
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE_FILE = "nonfinite.json"
 
 
 @dataclass(frozen=True)
@@ -446,6 +449,31 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
     ctx = init_distributed(config.device)
     agreed = {k: v for k, v in asdict(config).items() if k != "device"}
     check_agreement(ctx, {**agreed, "overwrite": overwrite, "stop_after_shards": stop_after_shards}, "configuration")
+    lock = _lock_existing_store(ctx, Path(config.out))
+    try:
+        return _extract(ctx, config, model=model, tokenizer=tokenizer, encoded=encoded, overwrite=overwrite,
+                        transform=transform, progress=progress, stop_after_shards=stop_after_shards)
+    finally:
+        if lock is not None:
+            release_directory_lock(config.out, lock)
+
+
+def _lock_existing_store(ctx: DistContext, out: Path):
+    """Take the writer lock of an existing ``out`` on rank 0 before loading anything, so a second writer is
+    refused at once (a new directory is locked by `StoreWriter` when it creates it); every rank raises alike."""
+    lock, error = None, None
+    if ctx.is_main and out.is_dir():
+        try:
+            lock = acquire_directory_lock(out, "store")
+        except InputError as exc:
+            error = exc
+    raise_together(ctx, error)
+    return lock
+
+
+def _extract(ctx: DistContext, config: ExtractConfig, *, model, tokenizer, encoded, overwrite: bool, transform,
+             progress: bool, stop_after_shards: int | None):
+    """`extract` once the ranks agree on the configuration and the store is locked."""
     device = resolve_device(rank_device(ctx, config.device))
     fingerprint = None
     if model is None:
@@ -483,6 +511,7 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
     check_agreement(ctx, {"model": header["model"]["fingerprint"], "data": header["data"]}, "model/data")
     saved_pca = broadcast_object(ctx, config.projection == "pca" and pca_path.exists() and not overwrite)
     if saved_pca:
+        check_side_file(config.out, PCA_FILE)
         pca_cov = load_pca_covariances(pca_path, modules)
     elif config.projection == "pca":
         if ctx.is_main:
@@ -503,8 +532,15 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
     if ctx.active or fragment_paths(config.out):  # a single process adopts fragments a distributed run left
         return _extract_sharded(ctx, plan, overwrite=overwrite, progress=progress,
                                 stop_after_shards=stop_after_shards)
-    writer = StoreWriter(config.out, modules=specs, dtype=config.dtype, shard_rows=config.shard_rows,
-                         header=header, overwrite=overwrite)
+    with StoreWriter(config.out, modules=specs, dtype=config.dtype, shard_rows=config.shard_rows,
+                     header=header, overwrite=overwrite) as writer:  # holds the store's writer lock
+        return _extract_single(writer, plan, progress=progress, stop_after_shards=stop_after_shards)
+
+
+def _extract_single(writer: StoreWriter, plan: "ExtractPlan", *, progress: bool, stop_after_shards: int | None):
+    """One process writes every unfinished shard in order, then the side files, then finalizes."""
+    config, encoded, specs, pca_cov = plan.config, plan.encoded, plan.specs, plan.pca_cov
+    device, pad_id, model = plan.device, plan.pad_id, plan.model
     if config.projection == "pca" and writer.done_shards == 0:
         writer.save_tensors(PCA_FILE, {f"{n}.A": a for n, (a, s) in pca_cov.items()}
                             | {f"{n}.S": s for n, (a, s) in pca_cov.items()})
@@ -516,7 +552,7 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
 
     def write(shard: int, ids: list[str], rows, losses, tokens, cov) -> None:
         if cov is not None:
-            writer.save_tensors(f"covariance/partial/{shard:05d}.safetensors", cov)
+            writer.save_tensors(partial_file(shard), cov)
         writer.write_shard(shard, rows, ids, losses, tokens)
 
     with plan.extractor() as ex, ShardWriteQueue(_async_default(config, device)) as queue:
@@ -535,7 +571,7 @@ def extract(config: ExtractConfig, *, model: nn.Module | None = None, tokenizer=
                     queue.drain()
                     return None
     if nonfinite:
-        write_json_atomic(Path(config.out) / "nonfinite.json", {"ids": nonfinite}, indent=1, sort_keys=False)
+        writer.write_json(NONFINITE_FILE, {"ids": nonfinite})
     _finish_store(writer, plan, n_shards)
     writer.finalize()
     return open_store(config.out)
@@ -572,7 +608,7 @@ def _finish_store(writer, plan: ExtractPlan, n_shards: int) -> None:
     """Side files of a complete set of shards: KFAC factors (summed partials) and the PCA covariances."""
     config, encoded = plan.config, plan.encoded
     if config.projection != "dense":
-        writer.save_tensors(KFAC_FILE, merge_covariance_partials(Path(config.out), plan.modules, n_shards, encoded),
+        writer.save_tensors(KFAC_FILE, merge_covariance_partials(writer.load_tensors, plan.modules, n_shards, encoded),
                             metadata={"n_rows": str(len(encoded)),
                                       "n_tokens": str(sum(len(e.input_ids) for e in encoded))})
     if config.projection == "pca":
@@ -624,11 +660,12 @@ def _extract_sharded(ctx: DistContext, plan: ExtractPlan, *, overwrite: bool, pr
         say(f"distributed: {ctx.world_size} ranks, shard i on rank i mod {ctx.world_size}")
 
     def write(shard: int, ids: list[str], rows, losses, tokens, cov, bad: list[str]) -> None:
-        if cov is not None:
-            save_tensors(out, f"covariance/partial/{shard:05d}.safetensors", cov)
+        side = {}
+        if cov is not None:  # hashed here, listed in the manifest by rank 0 when it adopts the shard
+            side = {"covariance": file_record(save_tensors(out, partial_file(shard), cov))}
         entry = write_shard_files(out, shard, rows, ids, losses, tokens, dtype=config.dtype, dim=dim,
                                   shard_rows=config.shard_rows)
-        entries.append({**entry, "index": shard, "nonfinite": bad})
+        entries.append({**entry, **side, "index": shard, "nonfinite": bad})
         write_fragment(out, ctx.rank, identity, entries, extra={"world_size": ctx.world_size})
 
     error = None
@@ -658,16 +695,22 @@ def _extract_sharded(ctx: DistContext, plan: ExtractPlan, *, overwrite: bool, pr
             if missing:
                 raise InputError(f"{out}: shards {missing[:5]} were not written by any rank; run the same command again")
             adopted = [found[i] for i in range(writer.done_shards, n_shards)]
+            first = writer.done_shards
             writer.adopt_shards(adopted, verify=False)  # hashed while written; sizes and headers checked here
+            for i, entry in enumerate(adopted, start=first):
+                if entry.get("covariance"):
+                    writer.record_file(partial_file(i), entry["covariance"])
             nonfinite = [name for e in adopted for name in e.get("nonfinite", [])]
             if nonfinite:
-                write_json_atomic(out / "nonfinite.json", {"ids": nonfinite}, indent=1, sort_keys=False)
+                writer.write_json(NONFINITE_FILE, {"ids": nonfinite})
             _finish_store(writer, plan, n_shards)
             writer.finalize()
             for f in fragment_paths(out):  # last: a crash before this leaves fragments that agree with the manifest
                 f.unlink()
         except Exception as exc:  # noqa: BLE001
             error = exc
+        finally:
+            writer.close()
     raise_together(ctx, error)
     return open_store(out, verify=False)
 
@@ -676,13 +719,18 @@ def _shard_rows(encoded: Sequence[Encoded], shard: int, config: ExtractConfig) -
     return encoded[shard * config.shard_rows:(shard + 1) * config.shard_rows]
 
 
-def merge_covariance_partials(root: Path, modules, n_shards: int, encoded) -> dict[str, torch.Tensor]:
-    """``A = (1/T) Σ_shards Σ a aᵀ`` and ``S = (1/N) Σ_shards Σ s sᵀ`` from the per-shard sums, in shard order."""
-    from safetensors.torch import load_file
+def partial_file(shard: int) -> str:
+    """Store-relative name of shard ``shard``'s KFAC partial sums."""
+    return f"covariance/partial/{shard:05d}.safetensors"
 
+
+def merge_covariance_partials(load: Callable[[str], dict], modules, n_shards: int, encoded) -> dict[str, torch.Tensor]:
+    """``A = (1/T) Σ_shards Σ a aᵀ`` and ``S = (1/N) Σ_shards Σ s sᵀ`` from the per-shard sums, in shard order.
+
+    ``load``: store-relative path → tensors (`StoreWriter.load_tensors`, which checks each file's record)."""
     total: dict[str, torch.Tensor] = {}
     for shard in range(n_shards):
-        part = load_file(str(root / f"covariance/partial/{shard:05d}.safetensors"))
+        part = load(partial_file(shard))
         for k, v in part.items():
             total[k] = v.clone() if k not in total else total[k] + v
     n_tokens = sum(len(e.input_ids) for e in encoded)

@@ -235,10 +235,12 @@ def row_layout(modules: Sequence[tuple[str, nn.Module]], projections: dict[str, 
     return layout
 
 
-def load_pca_covariances(path: Path, modules) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_pca_covariances(source, modules) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A, S)}`` from the PCA covariances file: ``source`` is its path, or an open Store (then the
+    file is read through ``Store.load_tensors``, which checks its recorded SHA-256)."""
     from safetensors.torch import load_file
 
-    t = load_file(str(path))
+    t = source.load_tensors(PCA_FILE) if hasattr(source, "load_tensors") else load_file(str(source))
     return {n: (t[f"{n}.A"], t[f"{n}.S"]) for n, _ in modules}
 
 
@@ -254,7 +256,8 @@ def store_projections(store, model: nn.Module) -> tuple[list[tuple[str, nn.Modul
     stored = [m["name"] for m in cfg.get("module_info", [])]
     if kind != "dense" and names != stored:
         raise InputError(f"store {store.path}: modules {stored[:3]}... do not match the model's {names[:3]}...")
-    pca_cov = load_pca_covariances(Path(store.path) / PCA_FILE, modules) if kind == "pca" else None
+    source = store if hasattr(store, "load_tensors") else Path(store.path) / PCA_FILE
+    pca_cov = load_pca_covariances(source, modules) if kind == "pca" else None
     projections = build_projections(modules, kind, proj["rank_in"], proj["rank_out"], proj["seed"], pca_cov)
     if projection_digest([projections[n] for n in names]) != proj.get("digest"):
         raise InputError(f"store {store.path}: regenerated projection differs from the stored digest "

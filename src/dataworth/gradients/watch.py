@@ -263,6 +263,7 @@ class GradientLogger:
         writer = StoreWriter(self.out, modules=specs, dtype=self.config.dtype, shard_rows=self.config.shard_rows,
                              header=self._header(fingerprint), overwrite=self.replace)
         if writer.done_shards:
+            writer.close()
             raise InputError(f"{self.out}: already holds a store; pass replace=True to watch() to replace it")
         for index, (ids, rows, losses, tokens) in enumerate(self.staging.assemble(self.config.shard_rows)):
             writer.write_shard(index, rows, ids, losses, tokens)

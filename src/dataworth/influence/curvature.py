@@ -61,10 +61,12 @@ from dataworth.distributed import (
     check_agreement,
     init_distributed,
     iter_owned_blocks,
+    raise_together,
 )
 from dataworth.errors import InputError
 from dataworth.store.format import KFAC_FILE
 from dataworth.store.reader import PREFETCH_OVERHEAD_BYTES, open_store
+from dataworth.util import acquire_directory_lock, release_directory_lock, say
 
 CURVATURE_KINDS = ("none", "raw", "kfac", "ekfac")
 
@@ -568,9 +570,20 @@ def fit(store_path, curvature: str = DEFAULT_CURVATURE, damping="auto",
     check_agreement(ctx, {"store": str(store_path), "curvature": curvature, "damping": str(damping),
                           "block_rows": block_rows, "memory_budget_mb": memory_budget_mb}, "fit arguments")
     store = open_store(store_path, verify=ctx.is_main)
-    fitted = fit_curvature(store, curvature, damping, block_rows, memory_budget_mb=memory_budget_mb, dist=ctx)
-    path = save_curvature(store, fitted) if ctx.is_main else store.path / curvature_file(fitted.kind)
-    barrier(ctx)
+    lock, error = None, None
+    if ctx.is_main:  # one writer per store: rank 0 holds the lock for the whole fit, the other ranks only read
+        try:
+            lock = acquire_directory_lock(store.path, "store")
+        except InputError as exc:
+            error = exc
+    raise_together(ctx, error)
+    try:
+        fitted = fit_curvature(store, curvature, damping, block_rows, memory_budget_mb=memory_budget_mb, dist=ctx)
+        path = save_curvature(store, fitted) if ctx.is_main else store.path / curvature_file(fitted.kind)
+        barrier(ctx)
+    finally:
+        if lock is not None:
+            release_directory_lock(store.path, lock)
     return replace(fitted, path=path)
 
 
@@ -656,6 +669,32 @@ def _check_module_tensors(path: Path, kind: str, m: ModuleCurvature) -> None:
             raise InputError(
                 f"{path}: module {m.name}: tensor {attr} has shape {got}, expected {shape}; re-run dataworth fit"
             )
+
+
+def fitted_kinds(store) -> list[str]:
+    """The curvature kinds fitted for ``store`` (a file in ``curvature/``), in `CURVATURE_KINDS` order; ``none``
+    needs no fit and is not listed."""
+    return [k for k in CURVATURE_KINDS if k != "none" and store.has(curvature_file(k))]
+
+
+def choose_curvature(store, kind: str | None, *, quiet: bool = False) -> str:
+    """The curvature to score with when ``kind`` may be unset (``score`` without ``--curvature``).
+
+    Given: that kind. Unset: `DEFAULT_CURVATURE` when it is fitted (or when nothing is: `load_curvature` then
+    names the fit command); else the only fitted kind, said on stderr; several fitted but not the default →
+    InputError naming them, since which one was meant is a choice, not a guess.
+    """
+    if kind is not None:
+        return check_kind(kind)
+    fitted = fitted_kinds(store)
+    if DEFAULT_CURVATURE in fitted or not fitted:
+        return DEFAULT_CURVATURE
+    if len(fitted) == 1:
+        if not quiet:
+            say(f"note: no --curvature given; using {fitted[0]}, the only curvature fitted for {store.path}")
+        return fitted[0]
+    raise InputError(f"--curvature: not given and {store.path} has no {DEFAULT_CURVATURE} fitted but "
+                     f"{', '.join(fitted)}; pass --curvature {' or '.join(fitted)} (or none)")
 
 
 def ensure_curvature(store_path, kind: str):

@@ -10,7 +10,9 @@ coordinates (`dataworth.gradients.queries`; distributed: split over ranks) and h
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -23,8 +25,10 @@ from dataworth.data.rows import load_rows
 from dataworth.distributed import (
     all_gather_objects,
     barrier,
+    broadcast_object,
     check_agreement,
     init_distributed,
+    raise_together,
     rank_device,
 )
 from dataworth.errors import InputError
@@ -33,7 +37,7 @@ from dataworth.gradients.modules import select_modules
 from dataworth.gradients.projection import build_projections
 from dataworth.gradients.queries import measurement_gradients, query_gradients
 from dataworth.gradients.task import Task
-from dataworth.influence.curvature import DEFAULT_CURVATURE, load_curvature
+from dataworth.influence.curvature import choose_curvature, load_curvature
 from dataworth.influence.scores import (
     DEFAULT_BLOCK_ROWS,
     SCORES_FORMAT,
@@ -41,6 +45,8 @@ from dataworth.influence.scores import (
     Scores,
     StreamingTopK,
     check_mode,
+    check_scores_dir,
+    prepare_scores_dir,
     score_block,
     score_rows,
     topk_table,
@@ -81,7 +87,7 @@ def score(
     model=None,
     *,
     mode: str = "dot",
-    curvature: str = DEFAULT_CURVATURE,
+    curvature: str | None = None,
     top_k: int = 10,
     full: bool = False,
     self_influence: bool = False,
@@ -102,10 +108,12 @@ def score(
     spec), or a list of ``Row``. ``model``: a model spec (default: the store's recorded
     ``manifest["config"]["model"]``) or a ``LoadedModel``; its fingerprint must equal the store's
     ``manifest["model"]["fingerprint"]``. ``curvature`` must have been fitted (``dataworth fit``) unless
-    ``none``. With ``out``: the results are saved there (see :meth:`Scores.save`), the full matrix written
-    block by block. Sign and modes: see the module docstring. ``memory_budget_mb``: bound the streaming
-    buffers (`score_budget`). Launched by torchrun / accelerate (``WORLD_SIZE`` > 1): queries are split over
-    ranks for their gradients, each rank scores its shards, top-k merged exactly, rank 0 saves.
+    ``none``; ``None`` picks one (`dataworth.influence.curvature.choose_curvature`: the default ekfac when
+    fitted, else the only fitted one). With ``out``: the results replace that directory (see
+    :meth:`Scores.save`), the full matrix written block by block. Sign and modes: see the module docstring.
+    ``memory_budget_mb``: bound the streaming buffers (`score_budget`). Launched by torchrun / accelerate
+    (``WORLD_SIZE`` > 1): queries are split over ranks for their gradients, each rank scores its shards,
+    top-k merged exactly, rank 0 saves.
     """
     if task is not None:
         if model is None:
@@ -121,7 +129,9 @@ def score(
                           "self": self_influence, "out": None if out is None else str(out),
                           "block_rows": block_rows, "memory_budget_mb": memory_budget_mb}, "score arguments")
     store = open_store(store_path, verify=ctx.is_main)
-    fitted = load_curvature(store, curvature)
+    fitted = load_curvature(store, choose_curvature(store, curvature, quiet=not ctx.is_main))
+    if out is not None:
+        check_scores_dir(out)  # before any work: a directory `save` would refuse to replace
     rows = _load_query_rows(queries)
     loaded = load_store_model(store, model, rank_device(ctx, device))
     expected = store.manifest.get("model", {}).get("fingerprint")
@@ -143,17 +153,38 @@ def score(
         if part is not None:
             query_rows[rank::ctx.world_size] = part
     query_s = time.perf_counter() - query_started
-    result = score_rows(store, query_rows, [r.id for r in rows], fitted, mode, top_k, full, block_rows,
-                        with_self_influence=self_influence, out_dir=out, memory_budget_mb=memory_budget_mb,
-                        dist=ctx)
-    result.summary["queries"] = str(queries) if not isinstance(queries, (list, tuple)) else f"{len(rows)} rows"
-    result.summary["model"] = {"spec": loaded.spec, "fingerprint": loaded.fingerprint}
-    result.summary["timings"]["query_gradients_s"] = round(query_s, 6)
-    result.summary["timings"]["total_s"] = round(time.perf_counter() - started, 6)
-    if out is not None and ctx.is_main:
-        result.save(out)
-    barrier(ctx)
+    staging = _shared_staging(ctx, out)
+    try:
+        result = score_rows(store, query_rows, [r.id for r in rows], fitted, mode, top_k, full, block_rows,
+                            with_self_influence=self_influence, out_dir=staging, memory_budget_mb=memory_budget_mb,
+                            dist=ctx)
+        result.summary["queries"] = str(queries) if not isinstance(queries, (list, tuple)) else f"{len(rows)} rows"
+        result.summary["model"] = {"spec": loaded.spec, "fingerprint": loaded.fingerprint}
+        result.summary["timings"]["query_gradients_s"] = round(query_s, 6)
+        result.summary["timings"]["total_s"] = round(time.perf_counter() - started, 6)
+        if out is not None and ctx.is_main:
+            result.save(out, staging=staging)
+        barrier(ctx)
+    finally:
+        if staging is not None and ctx.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when saved; a failed run leaves nothing
     return result
+
+
+def _shared_staging(ctx, out) -> Path | None:
+    """The staging directory a run fills before `Scores.save` swaps it in as ``out`` (None without ``out``):
+    rank 0 makes it, named after rank 0's pid, and every rank writes its matrix columns into that one."""
+    if out is None:
+        return None
+    token = broadcast_object(ctx, os.getpid())
+    staging, error = None, None
+    if ctx.is_main:
+        try:
+            staging = str(prepare_scores_dir(out, token))
+        except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            error = exc
+    raise_together(ctx, error)
+    return Path(broadcast_object(ctx, staging))
 
 
 def _load_query_rows(queries) -> list:
@@ -228,6 +259,8 @@ def score_stream(
     """
     started = time.perf_counter()
     check_mode(mode)
+    if out is not None:
+        check_scores_dir(out)  # before any work: a directory `save` would refuse to replace
     if mode not in STREAM_MODES:
         raise InputError(f"--mode {mode}: without a store only {', '.join(STREAM_MODES)} are available "
                          "(relative needs self-influence from a store)")
@@ -334,18 +367,25 @@ def score_stream(
     return result
 
 
-def score_with_task(store, model: nn.Module, task: Task, query_batches: Iterable[Any], *, curvature: str = "ekfac",
-                    mode: str = "dot", top_k: int = 10, full: bool = False, self_influence: bool = False,
-                    out=None):
+def score_with_task(store, model: nn.Module, task: Task, query_batches: Iterable[Any], *,
+                    curvature: str | None = None, mode: str = "dot", top_k: int = 10, full: bool = False,
+                    self_influence: bool = False, out=None):
     """``dw.score`` for any model: influence of every store row on each query's ``task.compute_measurement``.
 
-    The curvature must have been fitted (``dw.fit(store, curvature)``) unless ``none``; see
-    `dataworth.influence.scores.score_rows` for modes and outputs. Positive = the training example helps the query.
+    The curvature must have been fitted (``dw.fit(store, curvature)``) unless ``none`` (``None``: as
+    `dataworth.influence.curvature.choose_curvature` picks); see `dataworth.influence.scores.score_rows`
+    for modes and outputs. Positive = the training example helps the query.
     """
     store = store if hasattr(store, "manifest") else open_store(store)
-    fitted = load_curvature(store, curvature)
-    rows, ids = measurement_gradients(store, model, task, query_batches)
-    result = score_rows(store, rows, ids, fitted, mode, top_k, full, with_self_influence=self_influence, out_dir=out)
-    if out is not None:
-        result.save(out)
+    fitted = load_curvature(store, choose_curvature(store, curvature))
+    staging = prepare_scores_dir(out) if out is not None else None
+    try:
+        rows, ids = measurement_gradients(store, model, task, query_batches)
+        result = score_rows(store, rows, ids, fitted, mode, top_k, full, with_self_influence=self_influence,
+                            out_dir=staging)
+        if out is not None:
+            result.save(out, staging=staging)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return result

@@ -24,19 +24,30 @@ Modes:
 
 Top-k: for each query the ``K`` most positive and the ``K`` most negative rows, ties broken by row order
 (lower store row first), ranks 1-based; exact (a streaming merge, not an approximation).
+
+A scores directory describes exactly one run: `Scores.save` fills a staging sibling and swaps it in whole
+(`dataworth.util.swap_directory`), ``summary.json`` records a ``run_id``, the SHA-256 and size of every
+other file (``checksums``) and the store's digest (``store_digest``); each parquet file carries the run id
+in its key-value metadata. `load_scores` reads only the files the summary lists and refuses one that does
+not match it, naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dataworth.distributed import (
     SINGLE,
@@ -49,11 +60,19 @@ from dataworth.distributed import (
     iter_owned_blocks,
     merge_topk,
 )
-from dataworth.errors import InputError
+from dataworth.errors import InputError, one_line
 from dataworth.influence.curvature import Curvature
-from dataworth.store.format import raw_to_float32
+from dataworth.store.format import TMP_FILE, raw_to_float32
 from dataworth.store.reader import PREFETCH_OVERHEAD_BYTES
-from dataworth.util import atomic_write
+from dataworth.util import (
+    atomic_write,
+    file_record,
+    say,
+    staging_directory,
+    swap_directory,
+    verify_file,
+    write_json_atomic,
+)
 
 SCORE_MODES = ("dot", "cosine", "relative")
 DIRECTIONS = ("positive", "negative")
@@ -61,6 +80,14 @@ SCORES_FORMAT = "dataworth-scores"
 SCORES_VERSION = 1
 DEFAULT_BLOCK_ROWS = 4096
 TOPK_COLUMNS = ["query_id", "direction", "rank", "train_id", "train_row", "score"]
+SCORES_FILES = {"topk": "topk.parquet", "topk_jsonl": "topk.jsonl", "queries": "queries.parquet",
+                "matrix": "scores.npy", "self_influence": "self_influence.parquet"}
+SUMMARY_FILE = "summary.json"
+RUN_ID_KEY = b"dataworth.run_id"  # parquet key-value metadata: the run a file belongs to
+# Files that commands derive from a scores directory and may write into it (`value`, `report --out` there):
+# replaced with the directory, since they describe the run being replaced.
+DERIVED_FILE = re.compile(r"^(value(_by_[\w-]+)?\.(csv|parquet)|report\.(md|html))$")
+_LEGACY_NOTED: set[str] = set()
 
 # Rows widened to float32 at a time when scoring a float16 / bfloat16 store: 256 × D floats (4 MiB at
 # D = 4096) stay in cache while they are multiplied, so the widened copy never travels to main memory and the
@@ -204,6 +231,7 @@ class Scores:
     1-based per (query, direction). ``matrix``: ``[Q, N]`` float32 (``np.ndarray`` or a read-only memmap of
     ``scores.npy``), or None unless the full matrix was asked for. ``self_influence``: table
     (``train_row, train_id, self_influence``) or None. ``summary``: what was run and how long it took.
+    ``directory``: the scores directory it was saved to or loaded from, if any.
     """
 
     table: pd.DataFrame
@@ -211,6 +239,7 @@ class Scores:
     query_ids: list[str]
     matrix: np.ndarray | None = None
     self_influence: pd.DataFrame | None = None
+    directory: Path | None = None  # where the scores were saved or loaded from
 
     def top_k(self, query_id: str | None = None, direction: str = "positive") -> pd.DataFrame:
         """Top-k rows of one query (or all queries when ``query_id`` is None) in one direction, by rank."""
@@ -227,29 +256,71 @@ class Scores:
         """The long top-k table: ``query_id, direction, rank, train_id, train_row, score``."""
         return self.table.copy()
 
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``topk.parquet``, ``topk.jsonl``, ``queries.parquet``, ``summary.json``, and ``scores.npy``
-        (when a matrix is held) / ``self_influence.parquet`` (when computed) into ``out_dir``; atomic per file."""
+    def save(self, out_dir: str | os.PathLike, *, staging: str | os.PathLike | None = None) -> Path:
+        """Replace ``out_dir`` by a directory holding exactly this run: ``topk.parquet``, ``topk.jsonl``,
+        ``queries.parquet``, ``summary.json``, and ``scores.npy`` (when a matrix is held) /
+        ``self_influence.parquet`` (when computed).
+
+        The files go into ``staging`` (default: a new sibling, `prepare_scores_dir`), which is then swapped in
+        whole, so no file of an earlier run survives and a reader sees the old run or the new one. A matrix
+        memory-mapped from ``out_dir/scores.npy`` or from ``staging`` (written there by `score_rows`) is moved,
+        not copied. ``out_dir`` must be new, empty or a scores directory (`check_scores_dir`).
+        """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {"topk": "topk.parquet", "topk_jsonl": "topk.jsonl", "queries": "queries.parquet"}
-        atomic_write(out / "topk.parquet", lambda p: self.table.to_parquet(p, index=False))
-        atomic_write(out / "topk.jsonl", lambda p: self.table.to_json(p, orient="records", lines=True, force_ascii=False))
-        queries = pd.DataFrame({"query_row": np.arange(len(self.query_ids)), "query_id": self.query_ids})
-        atomic_write(out / "queries.parquet", lambda p: queries.to_parquet(p, index=False))
+        staging = Path(staging) if staging is not None else prepare_scores_dir(out)
+        try:
+            self._write_run(staging, out)
+            swap_directory(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.matrix is not None:
-            target = out / "scores.npy"
-            backing = getattr(self.matrix, "filename", None)  # a memmap already written there by score_rows
-            if backing is None or Path(backing).resolve() != target.resolve():
-                atomic_write(target, lambda p: _save_npy(p, self.matrix))
-            files["matrix"] = "scores.npy"
-        if self.self_influence is not None:
-            atomic_write(out / "self_influence.parquet", lambda p: self.self_influence.to_parquet(p, index=False))
-            files["self_influence"] = "self_influence.parquet"
-        summary = {**self.summary, "files": files}
-        atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
-        self.summary = summary
+            self.matrix = np.load(out / SCORES_FILES["matrix"], mmap_mode="r")
+        self.directory = out
         return out
+
+    def _write_run(self, directory: Path, out: Path) -> None:
+        """Every file of this run into ``directory``, each tagged with one new run id, and the summary last."""
+        run_id = uuid.uuid4().hex
+        files = {k: SCORES_FILES[k] for k in ("topk", "topk_jsonl", "queries")}
+        _write_parquet(directory / files["topk"], self.table, run_id)
+        atomic_write(directory / files["topk_jsonl"],
+                     lambda p: self.table.to_json(p, orient="records", lines=True, force_ascii=False))
+        queries = pd.DataFrame({"query_row": np.arange(len(self.query_ids)), "query_id": self.query_ids})
+        _write_parquet(directory / files["queries"], queries, run_id)
+        if self.matrix is not None:
+            files["matrix"] = SCORES_FILES["matrix"]
+            _place_matrix(self.matrix, directory / files["matrix"], out)
+        if self.self_influence is not None:
+            files["self_influence"] = SCORES_FILES["self_influence"]
+            _write_parquet(directory / files["self_influence"], self.self_influence, run_id)
+        checksums = {name: file_record(directory / name) for name in files.values()}
+        summary = {**self.summary, "files": files, "run_id": run_id, "checksums": checksums}
+        write_json_atomic(directory / SUMMARY_FILE, summary, sort_keys=False)
+        self.summary = summary
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame, run_id: str) -> None:
+    """``frame`` as parquet (no index) with ``run_id`` in the file's key-value metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), RUN_ID_KEY: run_id.encode("ascii")})
+    atomic_write(path, lambda p: pq.write_table(table, p))
+
+
+def _place_matrix(matrix: np.ndarray, target: Path, out: Path) -> None:
+    """Put the ``[Q, N]`` matrix at ``target``: move the file it is memory-mapped from when `score_rows` wrote
+    it into the staging directory or into ``out``, else write a copy."""
+    backing = getattr(matrix, "filename", None)
+    if backing is not None:
+        backing = Path(backing).resolve()
+        if backing == target.resolve():
+            matrix.flush()
+            return
+        if backing.name == target.name and backing.parent == Path(os.path.realpath(out)) and backing.is_file():
+            matrix.flush()
+            os.replace(backing, target)
+            return
+    atomic_write(target, lambda p: _save_npy(p, matrix))
 
 
 def _save_npy(path: str, matrix: np.ndarray) -> None:
@@ -257,16 +328,97 @@ def _save_npy(path: str, matrix: np.ndarray) -> None:
         np.save(fh, np.asarray(matrix, dtype=np.float32))
 
 
+def check_scores_dir(out: str | os.PathLike) -> None:
+    """InputError unless ``out`` may be replaced by a scores run: absent, empty, or a scores directory holding
+    only what dataworth writes there (scores files, ledgers and reports derived from them, ``plots/``).
+
+    `Scores.save` replaces the whole directory, so anything else in it — a user's file — is refused
+    here, before any work, rather than deleted.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    summary = out / SUMMARY_FILE
+    if summary.is_file():
+        try:
+            ours = json.loads(summary.read_text(encoding="utf-8")).get("format") == SCORES_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise InputError(f"--out {out}: {summary} is not a dataworth scores summary; `score --out` replaces "
+                             "the whole directory, so choose an empty or new one")
+    for entry in sorted(out.iterdir()):
+        if not _is_scores_entry(entry):
+            raise InputError(f"--out {out}: holds {entry.name}, which `dataworth score` did not write; `score --out` "
+                             f"replaces the whole directory, so move {entry.name} away or choose an empty or new one")
+
+
+def _is_scores_entry(entry: Path) -> bool:
+    name = TMP_FILE.sub("", entry.name)
+    if entry.is_dir() and not entry.is_symlink():
+        return name == "plots" and all(p.is_file() and p.suffix == ".png" for p in entry.iterdir())
+    return name in SCORES_FILES.values() or name == SUMMARY_FILE or bool(DERIVED_FILE.match(name))
+
+
+def prepare_scores_dir(out: str | os.PathLike, token: int | None = None) -> Path:
+    """Check that ``out`` may be replaced (`check_scores_dir`) and make the staging sibling a run fills
+    (``token``: a name the ranks of one run share)."""
+    check_scores_dir(out)
+    return staging_directory(out, token)
+
+
 def load_scores(out_dir: str | os.PathLike) -> Scores:
-    """Read a directory written by :meth:`Scores.save`; InputError if it is missing or of another format."""
+    """Read a directory written by :meth:`Scores.save`; InputError naming the file if it is missing, of
+    another format, damaged, or not of the run ``summary.json`` describes.
+
+    Only the files ``summary.json`` lists are read, each checked against its recorded size and SHA-256 (once,
+    here) and, for parquet, its run id. A directory written before run ids existed is read with a note.
+    """
     out = Path(out_dir)
-    summary_path = out / "summary.json"
+    summary_path = out / SUMMARY_FILE
+    summary = _read_summary(out, summary_path)
+    files = summary.get("files")
+    if files is None and summary.get("run_id") is None:
+        files = _legacy_files(out, summary)
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise InputError(f"{summary_path}: field 'files' is missing or malformed; re-run `dataworth score`")
+    run = _RunCheck(out, summary_path, summary)
+    table = run.read_parquet(files.get("topk", SCORES_FILES["topk"]))
+    missing = [c for c in TOPK_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(f"{out / files.get('topk', SCORES_FILES['topk'])}: column '{missing[0]}' missing; "
+                         "re-run `dataworth score`")
+    queries = run.read_parquet(files.get("queries", SCORES_FILES["queries"]))
+    if "query_id" not in queries.columns:
+        raise InputError(f"{out / SCORES_FILES['queries']}: column 'query_id' missing; re-run `dataworth score`")
+    query_ids = [str(q) for q in queries["query_id"]]
+    matrix = run.read_npy(files["matrix"]) if "matrix" in files else None
+    self_inf = run.read_parquet(files["self_influence"]) if "self_influence" in files else None
+    run.note_unlisted(files)
+    return Scores(table=table, summary=summary, query_ids=query_ids, matrix=matrix, self_influence=self_inf,
+                  directory=out)
+
+
+def _legacy_files(out: Path, summary: dict) -> dict[str, str]:
+    """The files of a summary written before it listed them: what its own flags say the run wrote."""
+    files = {k: SCORES_FILES[k] for k in ("topk", "queries")}
+    for key, flag in (("matrix", "full"), ("self_influence", "self_influence")):
+        if summary.get(flag) and (out / SCORES_FILES[key]).is_file():
+            files[key] = SCORES_FILES[key]
+    return files
+
+
+def _read_summary(out: Path, summary_path: Path) -> dict:
     if not summary_path.is_file():
         raise InputError(f"{out}: not a scores directory (no summary.json); run `dataworth score --out {out}` first")
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise InputError(f"{summary_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise InputError(f"{summary_path}:{exc.lineno}: invalid JSON ({exc.msg}); re-run `dataworth score`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{summary_path}: unreadable ({one_line(exc)})") from None
     if not isinstance(summary, dict) or summary.get("format") != SCORES_FORMAT:
         raise InputError(f"{summary_path}: field 'format' is not {SCORES_FORMAT!r}; not a dataworth scores directory")
     if summary.get("version") != SCORES_VERSION:
@@ -274,14 +426,64 @@ def load_scores(out_dir: str | os.PathLike) -> Scores:
             f"{summary_path}: field 'version' is {summary.get('version')!r}, this dataworth reads version "
             f"{SCORES_VERSION}; re-run `dataworth score`"
         )
-    for name in ("topk.parquet", "queries.parquet"):
-        if not (out / name).is_file():
-            raise InputError(f"{out / name}: missing; the scores directory is incomplete, re-run `dataworth score`")
-    table = pd.read_parquet(out / "topk.parquet")
-    query_ids = [str(q) for q in pd.read_parquet(out / "queries.parquet")["query_id"]]
-    matrix = np.load(out / "scores.npy", mmap_mode="r") if (out / "scores.npy").is_file() else None
-    self_inf = pd.read_parquet(out / "self_influence.parquet") if (out / "self_influence.parquet").is_file() else None
-    return Scores(table=table, summary=summary, query_ids=query_ids, matrix=matrix, self_influence=self_inf)
+    return summary
+
+
+class _RunCheck:
+    """Reads the files of one scores run, refusing any that does not belong to it (see `load_scores`)."""
+
+    def __init__(self, out: Path, summary_path: Path, summary: dict):
+        self.out, self.summary_path = out, summary_path
+        self.run_id = summary.get("run_id")
+        self.checksums = summary.get("checksums") if isinstance(summary.get("checksums"), dict) else {}
+        self.remedy = f"re-run `dataworth score --out {out}`"
+        if self.run_id is None and str(out.resolve()) not in _LEGACY_NOTED:
+            _LEGACY_NOTED.add(str(out.resolve()))
+            say(f"note: {out}: written by an older dataworth (no run id or checksums in summary.json); its files "
+                "are read unchecked")
+
+    def path(self, name: str) -> Path:
+        """The listed file ``name``, checked against its record (size, SHA-256) when the run has records."""
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise InputError(f"{self.summary_path}: file {name!r} must stay inside the scores directory")
+        path = self.out / rel
+        if not path.is_file():
+            raise InputError(f"{path}: missing; the scores directory is incomplete, {self.remedy}")
+        if self.run_id is not None:
+            record = self.checksums.get(name)
+            if not isinstance(record, dict):
+                raise InputError(f"{path}: no checksum in {self.summary_path} for this file; {self.remedy}")
+            verify_file(path, name, record, source=str(self.summary_path), remedy=self.remedy)
+        return path
+
+    def read_parquet(self, name: str) -> pd.DataFrame:
+        path = self.path(name)
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{path}: not a readable parquet file ({one_line(exc)}); {self.remedy}") from None
+        found = (table.schema.metadata or {}).get(RUN_ID_KEY)
+        if self.run_id is not None and (found or b"").decode("ascii", "replace") != self.run_id:
+            got = found.decode("ascii", "replace") if found else "none"
+            raise InputError(f"{path}: belongs to run {got}, but {self.summary_path} describes run {self.run_id}; "
+                             f"{self.remedy}")
+        return table.to_pandas()
+
+    def read_npy(self, name: str) -> np.ndarray:
+        path = self.path(name)
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: not a readable .npy file ({one_line(exc)}); {self.remedy}") from None
+
+    def note_unlisted(self, files: dict) -> None:
+        """Say so when a scores file lies in the directory without being listed (left by an older dataworth's
+        earlier run): it is not read."""
+        listed = set(files.values())
+        for name in SCORES_FILES.values():
+            if name not in listed and (self.out / name).is_file():
+                say(f"note: {self.out / name}: not listed in {self.summary_path} (left by an earlier run?); ignored")
 
 
 def check_mode(mode: str, flag: str = "--mode") -> str:
@@ -438,6 +640,7 @@ def score_rows(
         "format": SCORES_FORMAT,
         "version": SCORES_VERSION,
         "store": str(Path(store.path).resolve()),
+        "store_digest": getattr(store, "digest", None),
         "curvature": curvature.kind,
         "damping": curvature.damping_spec.to_json(),
         "damping_values": curvature.damping,

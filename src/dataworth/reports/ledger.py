@@ -35,7 +35,7 @@ import pandas as pd
 
 from dataworth.data.rows import load_rows
 from dataworth.errors import InputError
-from dataworth.influence.scores import load_scores
+from dataworth.influence.scores import Scores, load_scores
 from dataworth.store.reader import open_store
 from dataworth.util import atomic_write
 
@@ -146,14 +146,16 @@ def value_ledger(scores_dir, by: str | None = None, *, store=None, data: str | N
                  out: str | os.PathLike | None = None) -> pd.DataFrame:
     """``dw.value_ledger``: the worth of every training document (or of every value of field ``by``).
 
-    ``scores_dir``: a directory written by ``dataworth score``. ``store``: the gradient store (an open Store or
-    a path; default: the one recorded in the scores' summary) — needed for the row ids, so documents never
-    in any top-k are listed too. ``data``: the training data spec (default: the store's recorded one), read
+    ``scores_dir``: a directory written by ``dataworth score`` (or its `Scores`, already loaded). ``store``: the
+    gradient store (an open Store or a path; default: the one recorded in the scores' summary) — needed for
+    the row ids, so documents never in any top-k are listed too; it must be the store that was scored
+    (`open_scores_store`). ``data``: the training data spec (default: the store's recorded one), read
     only when ``by`` is given. ``out``: also write ``value.csv`` / ``value.parquet`` (``value_by_{by}.*``)
     there. Columns and formulas: see the module docstring; ``attrs`` holds ``basis`` ("full" or "topk"),
     ``n_queries``, ``n_rows`` and ``by``.
     """
-    scores = load_scores(scores_dir)
+    scores = scores_dir if isinstance(scores_dir, Scores) else load_scores(scores_dir)
+    scores_dir = scores.directory or "memory"
     store = open_scores_store(scores, store)
     table = scores.to_pandas()
     n_rows, n_queries = store.rows, len(scores.query_ids)
@@ -181,17 +183,29 @@ def value_ledger(scores_dir, by: str | None = None, *, store=None, data: str | N
 
 
 def open_scores_store(scores, store=None):
-    """The store a scores directory was computed on: ``store`` (Store or path) or the summary's ``store``."""
-    if store is not None and hasattr(store, "iter_blocks"):
-        return store
+    """The store a scores directory was computed on: ``store`` (Store or path) or the summary's ``store``.
 
-    path = store if store is not None else scores.summary.get("store")
-    if not path:
-        raise InputError("scores summary.json: field 'store' is empty; pass --store")
-    if not Path(path).is_dir():
-        raise InputError(f"--store {path}: no such store directory (recorded in the scores' summary.json); "
-                         "pass --store with the store the scores were computed on")
-    return open_store(path, verify=False)
+    Refused (InputError naming both digests) when it is not the store that was scored: the summary's
+    ``store_digest`` must equal the store's `dataworth.store.reader.Store.digest` — a store with other rows
+    in the same number would otherwise credit the wrong documents. Scores written before digests existed
+    are only checked by row count, by the callers.
+    """
+    if store is not None and hasattr(store, "iter_blocks"):
+        opened = store
+    else:
+        path = store if store is not None else scores.summary.get("store")
+        if not path:
+            raise InputError("scores summary.json: field 'store' is empty; pass --store")
+        if not Path(path).is_dir():
+            raise InputError(f"--store {path}: no such store directory (recorded in the scores' summary.json); "
+                             "pass --store with the store the scores were computed on")
+        opened = open_store(path, verify=False)
+    expected = scores.summary.get("store_digest")
+    if expected and opened.digest != expected:
+        raise InputError(f"--store {opened.path}: store digest {opened.digest[:16]}… differs from the digest "
+                         f"{expected[:16]}… of the store the scores were computed on "
+                         f"({scores.summary.get('store')}); pass that store, or score again against this one")
+    return opened
 
 
 def training_rows(store, data: str | None = None) -> list:

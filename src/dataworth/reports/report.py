@@ -201,9 +201,9 @@ def report(scores_dir, out_dir, store=None, model=None, top_k: int | None = None
             write_bytes_atomic(plots_dir / f"{name}.png", view.plot)
             plot_files[f"q{view.index}"] = f"plots/{name}.png"
 
-    ledgers = [("Documents by net influence", value_ledger(scores_dir, store=store, out=out))]
-    if by is not None:
-        ledgers.append((f"By {by}", value_ledger(scores_dir, by, store=store, data=data, out=out)))
+    ledgers = [("Documents by net influence", value_ledger(scores, store=store, out=out))]
+    if by is not None:  # the scores loaded (and checked) above: their files are hashed once per report
+        ledgers.append((f"By {by}", value_ledger(scores, by, store=store, data=data, out=out)))
     if ledgers[0][1].attrs.get("basis") == "topk":
         notes.append("ledger sums cover only the stored top-k entries (run `dataworth score --full` for exact sums)")
     summary = {**summary, "report_seconds": round(time.perf_counter() - started, 1)}

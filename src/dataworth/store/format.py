@@ -9,11 +9,20 @@ Layout (``docs/design.md``, "Store on disk")::
 
     manifest.json                 format, version, complete, rows, dim, dtype, modules, projection,
                                   model, data, config, shard_rows, shards[{file, rows, sha256, first_row,
-                                  meta, meta_sha256}], ids{file, rows, sha256} (after finalize)
+                                  meta, meta_sha256}], ids{file, rows, sha256} (after finalize),
+                                  files[{file, sha256, size}] (every other file the store holds)
     shards/NNNNN.npy              [rows, dim] C-order, dtype '<f2' | '<u2' (bfloat16 bits) | '<f4'
     shards/NNNNN.meta.parquet     id (string), loss (float64), tokens (int64), one row per shard row
     ids.parquet                   the shard metas concatenated, one row per store row, same order
-    curvature/*.safetensors       written by later stages (``save_tensors``)
+    curvature/*.safetensors       KFAC factors (extract) and fitted curvatures (``fit``)
+    covariance/…, projection/…    per-shard covariance partials, PCA covariances (extract)
+    nonfinite.json                ids of rows whose gradient was not finite (``--skip-nonfinite``)
+    .dataworth.lock               while a writer runs: its pid (`dataworth.util.acquire_directory_lock`)
+
+Every file is covered by a SHA-256 recorded when it was written and checked when it is read: shards, metas
+and ids in their own entries, all other files in ``files`` (a store written before ``files`` existed is
+read with a note that its side files are unchecked). ``store_digest`` — a hash of the manifest without
+``files`` — names the rows a store holds; scores record it so they are never joined with another store.
 
 Row ``r`` is the concatenation, in manifest module order, of each module's projected gradient
 ``Ĝ`` (``k_out × k_in``) flattened row-major; ``layout == "in_out"`` means the module stored ``Ĝᵀ``
@@ -35,6 +44,7 @@ writer's `identity_digest`, so fragments of another configuration are never adop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
@@ -46,8 +56,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataworth.errors import InputError
-from dataworth.util import file_sha256
+from dataworth.errors import InputError, one_line
+from dataworth.util import verify_file
 
 FORMAT = "dataworth-store"
 VERSION = 1
@@ -72,8 +82,18 @@ RAW_DTYPES: dict[str, np.dtype] = {
 STORE_DTYPES = tuple(RAW_DTYPES)
 TMP_FILE = re.compile(r"\.tmp-\d+$")
 SHARD_FILE = re.compile(r"^(\d{5,})\.(npy|meta\.parquet)$")
+FILES_KEY = "files"
 RESERVED_KEYS = ("format", "version", "complete", "rows", "dim", "dtype", "shard_rows", "modules",
-                 "shards", "ids")
+                 "shards", "ids", FILES_KEY)
+# What a store writer owns (and ``--overwrite`` may delete): store-relative paths, tmp suffix stripped.
+# Anything else in the directory belongs to the user and is never touched.
+OWNED_FILE = re.compile(
+    r"^(manifest\.json|manifest\.rank-\d+\.json|ids\.parquet|nonfinite\.json"
+    r"|shards/\d{5,}\.(npy|meta\.parquet)|curvature/[^/]+\.safetensors|covariance/partial/\d{5,}\.safetensors"
+    r"|covariance/full\.safetensors|projection/pca\.safetensors)$"
+)
+OWNED_DIRS = ("shards", "curvature", "covariance/partial", "covariance", "projection")
+DAMAGED_REMEDY = "the store is damaged; run extract again with --overwrite to rebuild it"
 FRAGMENT_FORMAT = "dataworth-store-fragment"
 FRAGMENT_FILE = re.compile(r"^manifest\.rank-(\d+)\.json$")
 
@@ -259,6 +279,37 @@ def meta_file(index: int) -> str:
     return f"{SHARD_DIR}/{index:05d}.meta.parquet"
 
 
+def is_owned_file(relpath: str) -> bool:
+    """Whether a store-relative path is one a store writer writes (`OWNED_FILE`; ``*.tmp-<pid>`` of one too)."""
+    return bool(OWNED_FILE.match(TMP_FILE.sub("", relpath)))
+
+
+def store_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest without ``files``: equal exactly when two stores hold the same rows (header,
+    modules, every shard's and the ids' checksums) — fitting a curvature does not change it."""
+    body = {k: v for k, v in manifest.items() if k != FILES_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def file_records(manifest: dict[str, Any], mpath: Path) -> dict[str, dict[str, Any]]:
+    """``{relpath: {sha256, size}}`` from the manifest's ``files`` list (empty for stores written before it)."""
+    raw = manifest.get(FILES_KEY, [])
+    if not isinstance(raw, list):
+        raise InputError(f"{mpath}: field '{FILES_KEY}' is not a list; {DAMAGED_REMEDY}")
+    records = {}
+    for i, entry in enumerate(raw):
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("size"), int)):
+            raise InputError(f"{mpath}: field '{FILES_KEY}[{i}]' must be {{file, sha256, size}}; {DAMAGED_REMEDY}")
+        records[entry["file"]] = {"sha256": entry["sha256"], "size": entry["size"]}
+    return records
+
+
+def file_entries(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The manifest's ``files`` list for ``records``, sorted by path (equal records ⇒ equal bytes)."""
+    return [{"file": rel, **records[rel]} for rel in sorted(records)]
+
+
 def store_file(store: Path, relpath: str) -> Path:
     """Resolve ``relpath`` inside the store; refuse absolute paths and ``..`` (a store must stay a box)."""
     rel = Path(relpath)
@@ -310,8 +361,19 @@ def check_npy(path: Path, rel: str, rows: int, dim: int, raw_dtype: np.dtype) ->
 
 
 def verify_checksum(path: Path, rel: str, sha256: str) -> None:
-    if file_sha256(path) != sha256:
-        raise InputError(f"{path}: checksum error in {rel} (sha256 differs from the manifest)")
+    """InputError naming ``rel`` unless the file's SHA-256 is the one the manifest lists."""
+    verify_file(path, rel, sha256, source="the manifest", remedy=DAMAGED_REMEDY)
+
+
+def verify_side_file(store: Path, rel: str, records: dict[str, dict[str, Any]]) -> bool:
+    """Check a side file (curvature, covariances, …) against its ``files`` record; False when none is recorded
+    (a store written before records existed) so the caller can say the file is unchecked."""
+    record = records.get(rel)
+    if record is None:
+        return False
+    verify_file(store_file(store, rel), rel, record, source=f"{store / MANIFEST}",
+                remedy=f"re-run the stage that writes {rel} (or extract with --overwrite)")
+    return True
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -322,7 +384,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise InputError(f"{path}: not a gradient store (no {MANIFEST})") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{mpath}: not valid JSON ({exc})") from exc
+        raise InputError(f"{mpath}: not valid JSON ({one_line(exc)}); {DAMAGED_REMEDY}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise InputError(f"{mpath}: field 'format' is {got!r}, expected {FORMAT!r} (not a gradient store)")

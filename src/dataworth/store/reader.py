@@ -1,7 +1,8 @@
 """Reading a store: `open_store` validates it and returns a `Store` that streams float32 row blocks.
 
 Validation on open: manifest format/version, completion, dtype, module layout, shard names and row counts,
-each shard's ``.npy`` header and exact size, and (``verify=True``) every SHA-256. Reading: shards are
+each shard's ``.npy`` header and exact size, and (``verify=True``) every SHA-256. A side file (curvature,
+covariances) is checked against its ``files`` record the first time it is read. Reading: shards are
 memory-mapped (the last `OPEN_SHARD_MAPS` kept open), blocks may cross shard boundaries, and with
 ``reuse=True`` the next block is read and widened by a background thread while the consumer works.
 """
@@ -22,21 +23,28 @@ import pyarrow as pa
 
 from dataworth.errors import InputError
 from dataworth.store.format import (
+    FILES_KEY,
     IDS_FILE,
     MANIFEST,
     RAW_DTYPES,
     ModuleSpec,
+    file_entries,
+    file_records,
+    manifest_bytes,
     manifest_field,
     parse_modules,
     parse_shards,
     raw_to_float32,
     read_manifest,
     read_meta,
+    store_digest,
     store_file,
     verify_checksum,
     verify_shards,
+    verify_side_file,
 )
 from dataworth.store.tensors import load_tensors, save_tensors
+from dataworth.util import atomic_path, directory_lock, file_record, say
 
 if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
     import torch
@@ -45,6 +53,8 @@ OPEN_SHARD_MAPS = 64  # memory maps a Store keeps open (each holds one file desc
 
 # Python-side bookkeeping of the prefetching reader (thread, future, queue objects): memory budgets reserve it.
 PREFETCH_OVERHEAD_BYTES = 48 * 1024  # measured 27–38 KiB beyond the second block (tracemalloc)
+
+_UNCHECKED_NOTED: set[str] = set()  # stores whose unrecorded side files were already noted (once per process)
 
 
 class Store:
@@ -65,6 +75,8 @@ class Store:
         self._first_rows = [s["first_row"] for s in self._shards]
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._maps_lock = threading.Lock()  # the prefetch thread opens shards too
+        self._records = file_records(manifest, path / MANIFEST)
+        self._checked: set[str] = set()  # side files hashed once per open, not once per read
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, rows={self.rows}, dim={self.dim}, dtype={self.dtype!r})"
@@ -76,6 +88,11 @@ class Store:
     def fingerprint(self) -> str | None:
         """The model fingerprint the store was extracted with."""
         return self.manifest.get("model", {}).get("fingerprint")
+
+    @cached_property
+    def digest(self) -> str:
+        """`dataworth.store.format.store_digest`: which rows this store holds; scores record it."""
+        return store_digest(self.manifest)
 
     def module(self, name: str) -> ModuleSpec:
         """The ``ModuleSpec`` called ``name``."""
@@ -239,23 +256,60 @@ class Store:
         return store_file(self.path, relpath).is_file()
 
     def load_tensors(self, relpath: str) -> dict[str, "torch.Tensor"]:
-        """Load a safetensors file of the store (no pickle)."""
+        """Load a safetensors file of the store (no pickle), checked against its SHA-256 record first."""
+        self.check_file(relpath)
         return load_tensors(self.path, relpath)
 
     def load_tensor_metadata(self, relpath: str) -> dict[str, str]:
         """The string metadata stored with a safetensors file."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         target = store_file(self.path, relpath)
         if not target.is_file():
             raise InputError(f"{target}: missing (run the stage that writes {relpath} first)")
-        with safe_open(target, framework="pt") as f:
-            return dict(f.metadata() or {})
+        self.check_file(relpath)
+        try:
+            with safe_open(target, framework="pt") as f:
+                return dict(f.metadata() or {})
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{target}: not a readable safetensors file ({exc})") from exc
+
+    def check_file(self, relpath: str) -> None:
+        """Check a side file against the manifest's ``files`` record, once per open Store. A file without a
+        record (a store from before records, or a file an older dataworth wrote) is read with a one-time
+        note; a missing file is left to the reader's own message."""
+        if relpath in self._checked or not store_file(self.path, relpath).is_file():
+            return
+        if not verify_side_file(self.path, relpath, self._records):
+            key = str(self.path.resolve())
+            if key not in _UNCHECKED_NOTED:
+                _UNCHECKED_NOTED.add(key)
+                say(f"note: {self.path}: {relpath} has no checksum in the manifest (written by an older dataworth); "
+                    "read unchecked — fit again (or extract with --overwrite) to record one")
+        self._checked.add(relpath)
 
     def save_tensors(self, relpath: str, tensors: dict[str, "torch.Tensor"],
                      metadata: dict[str, str] | None = None) -> Path:
-        """Write a safetensors file into the store atomically (curvature written by later stages)."""
-        return save_tensors(self.path, relpath, tensors, metadata)
+        """Write a safetensors file into the store atomically (curvature written by later stages) and record
+        its SHA-256 in the manifest, holding the store's writer lock meanwhile."""
+        with directory_lock(self.path, "store"):
+            target = save_tensors(self.path, relpath, tensors, metadata)
+            self._record(relpath, file_record(target))
+        self._checked.add(relpath)
+        return target
+
+    def _record(self, relpath: str, record: dict[str, Any]) -> None:
+        """Add a ``files`` record to the manifest on disk (re-read under the lock: it must still describe these
+        rows) and to this Store."""
+        current = read_manifest(self.path)
+        if store_digest(current) != self.digest:
+            raise InputError(f"{self.path}: the store was rewritten since it was opened; open it again")
+        records = {**file_records(current, self.path / MANIFEST), relpath: record}
+        current[FILES_KEY] = file_entries(records)
+        with atomic_path(self.path / MANIFEST) as tmp:
+            tmp.write_bytes(manifest_bytes(current))
+        self.manifest = current
+        self._records = records
 
 
 def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
@@ -293,3 +347,10 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> Store:
     if verify:
         verify_checksum(path / IDS_FILE, IDS_FILE, ids.get("sha256"))
     return Store(path, manifest, modules)
+
+
+def check_side_file(path: str | os.PathLike, relpath: str) -> None:
+    """Check one side file of a store that may still be unfinished (e.g. the PCA covariances a resumed extract
+    reuses) against its manifest record; a file without a record is accepted as it is."""
+    path = Path(path)
+    verify_side_file(path, relpath, file_records(read_manifest(path), path / MANIFEST))

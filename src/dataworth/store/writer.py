@@ -11,6 +11,10 @@ the same rows whoever writes it, so ranks write shard files out of order with `w
 each finished shard in their own fragment ``manifest.rank-R.json`` (`write_fragment`); one process then
 hands the entries to ``StoreWriter.adopt_shards`` in shard order and finalizes. A fragment records the
 writer's `identity_digest`, so fragments of another configuration are never adopted.
+
+One writer at a time: a ``StoreWriter`` holds the store's writer lock (`dataworth.util.acquire_directory_lock`)
+from construction until ``finalize`` / ``close``, so a second extract (or fit, or ``--overwrite``) on the same
+directory is refused naming the first one's pid instead of deleting its half-written files.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -28,12 +31,14 @@ import pyarrow.parquet as pq
 
 from dataworth.errors import InputError
 from dataworth.store.format import (
+    FILES_KEY,
     FORMAT,
     FRAGMENT_FILE,
     FRAGMENT_FORMAT,
     HEADER_SECTIONS,
     IDS_FILE,
     MANIFEST,
+    OWNED_DIRS,
     RESERVED_KEYS,
     SHARD_DIR,
     SHARD_FILE,
@@ -42,6 +47,9 @@ from dataworth.store.format import (
     ModuleSpec,
     canonical_json,
     check_modules,
+    file_entries,
+    file_records,
+    is_owned_file,
     manifest_bytes,
     meta_file,
     normalize_dtype,
@@ -49,12 +57,24 @@ from dataworth.store.format import (
     read_manifest,
     read_meta,
     shard_file,
+    store_file,
     to_store_dtype,
     verify_shards,
+    verify_side_file,
 )
 from dataworth.store.reader import Store, open_store
-from dataworth.store.tensors import save_tensors
-from dataworth.util import atomic_path, file_sha256, first_difference, short
+from dataworth.store.tensors import load_tensors, save_tensors
+from dataworth.util import (
+    LOCK_FILE,
+    acquire_directory_lock,
+    atomic_path,
+    file_record,
+    file_sha256,
+    first_difference,
+    release_directory_lock,
+    short,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay for it
     import torch
@@ -99,8 +119,34 @@ def _store_entries(path: Path) -> list[Path]:
 
 
 def _tmp_files(path: Path) -> list[Path]:
-    """``*.tmp-<pid>`` files anywhere in the store: half-written files of a killed run."""
-    return sorted(p for p in path.rglob("*.tmp-*") if p.is_file() and TMP_FILE.search(p.name))
+    """``*.tmp-<pid>`` files of store files anywhere in the store: half-written files of a killed run."""
+    return sorted(p for p in path.rglob("*.tmp-*") if p.is_file() and TMP_FILE.search(p.name)
+                  and is_owned_file(p.relative_to(path).as_posix()))
+
+
+def _owned_files(path: Path) -> list[Path]:
+    """Every file of the store directory that a store writer owns (`is_owned_file`), user files excluded."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and is_owned_file(p.relative_to(path).as_posix()))
+
+
+def _parses_as_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _looks_like_store(path: Path) -> bool:
+    """A directory whose manifest is unreadable but that is recognisably a store: the manifest text names our
+    format, or ``shards/`` holds shard files. Only then may ``--overwrite`` clear it."""
+    try:
+        if FORMAT.encode() in (path / MANIFEST).read_bytes()[:4096]:
+            return True
+    except OSError:
+        pass
+    shards = path / SHARD_DIR
+    return shards.is_dir() and any(SHARD_FILE.match(e.name) for e in shards.iterdir())
 
 
 class StoreWriter:
@@ -119,6 +165,9 @@ class StoreWriter:
 
     ``prune=False`` keeps shard files the manifest does not list (other ranks' finished shards, listed in
     their fragments; see the module docstring) and deletes only tmp files.
+
+    The writer holds the store's lock until ``finalize`` or ``close``; files it writes besides shards
+    (``save_tensors``, ``write_json``, ``record_file``) are listed with their SHA-256 in ``files``.
     """
 
     def __init__(self, path: str | os.PathLike, *, modules: Sequence[ModuleSpec], dtype: object,
@@ -139,7 +188,35 @@ class StoreWriter:
         self._shards: list[dict[str, Any]] = []
         self._complete = False
         self._ids_entry: dict[str, Any] | None = None
-        self._open(overwrite, verify)
+        self._files: dict[str, dict[str, Any]] = {}
+        self._lock = None
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"{self.path}: exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = acquire_directory_lock(self.path, "store")
+        try:
+            self._open(overwrite, verify)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give up the writer lock if this writer took it (``finalize`` does this too)."""
+        if self._lock is not None:
+            release_directory_lock(self.path, self._lock)
+            self._lock = None
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the kernel drops the flock anyway
+            pass
 
     # -- construction -------------------------------------------------------------------------------------
     @staticmethod
@@ -159,9 +236,7 @@ class StoreWriter:
                 "modules": [m.to_json() for m in self.modules], **self._header}
 
     def _open(self, overwrite: bool, verify: bool) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"{self.path}: exists and is not a directory")
-        entries = _store_entries(self.path)
+        entries = [e for e in _store_entries(self.path) if e.name != LOCK_FILE]
         if not (self.path / MANIFEST).exists():
             stray = [e for e in entries if not (e.is_file() and e.name.startswith(f"{MANIFEST}.tmp-"))]
             if stray:
@@ -176,11 +251,17 @@ class StoreWriter:
         try:
             manifest = read_manifest(self.path)
         except InputError:
-            if overwrite and self._is_ours(self.path / MANIFEST):
+            if not overwrite:
+                raise
+            if self._is_ours(self.path / MANIFEST) or _looks_like_store(self.path):
                 self._remove_store_files()
                 self._create()
                 return
-            raise
+            if _parses_as_json(self.path / MANIFEST):  # another tool's manifest: the error says what it is
+                raise
+            raise InputError(f"{self.path / MANIFEST}: unreadable and {self.path} does not look like a gradient "
+                             "store; --overwrite deletes nothing here (remove it yourself or choose another "
+                             "directory)") from None
         if overwrite:
             self._remove_store_files()
             self._create()
@@ -196,17 +277,18 @@ class StoreWriter:
             return False
 
     def _remove_store_files(self) -> None:
-        """Delete what a store consists of: shards, ``ids.parquet``, every ``*.safetensors`` (curvature,
-        covariances) and tmp file, then directories left empty; the manifest goes last, so a crash here
-        leaves something still recognisable as a store. Files of other kinds are left alone."""
-        shutil.rmtree(self.path / SHARD_DIR, ignore_errors=True)
-        (self.path / IDS_FILE).unlink(missing_ok=True)
-        for e in _tmp_files(self.path) + sorted(self.path.rglob("*.safetensors")) + fragment_paths(self.path):
-            e.unlink(missing_ok=True)
-        for d in sorted((d for d in self.path.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
-            if not any(d.iterdir()):
+        """Delete what a store writer wrote (`is_owned_file`: shards, metas, ids, side files, fragments, tmp
+        files), then the store's own directories left empty; the manifest goes last, so a crash here leaves
+        something still recognisable as a store. A user's file — anywhere, ``shards/`` included — stays."""
+        manifest = self.path / MANIFEST
+        for e in _owned_files(self.path):
+            if e != manifest:
+                e.unlink(missing_ok=True)
+        for rel in OWNED_DIRS:
+            d = self.path / rel
+            if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-        (self.path / MANIFEST).unlink()
+        manifest.unlink(missing_ok=True)
 
     def _create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -229,6 +311,7 @@ class StoreWriter:
         self._shards = shards
         self._complete = manifest.get("complete") is True
         self._ids_entry = manifest.get("ids") if self._complete else None
+        self._files = file_records(manifest, mpath)
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
@@ -268,6 +351,7 @@ class StoreWriter:
         }
         if self._ids_entry is not None:
             manifest["ids"] = self._ids_entry
+        manifest[FILES_KEY] = file_entries(self._files)
         return manifest
 
     def _write_manifest(self) -> None:
@@ -325,21 +409,48 @@ class StoreWriter:
 
     def save_tensors(self, relpath: str, tensors: dict[str, "torch.Tensor"],
                      metadata: dict[str, str] | None = None) -> Path:
-        """Atomically write a safetensors file under the store (e.g. ``"curvature/kfac.safetensors"``)."""
-        return save_tensors(self.path, relpath, tensors, metadata)
+        """Atomically write a safetensors file under the store (e.g. ``"curvature/kfac.safetensors"``) and list
+        it with its SHA-256 in the manifest's ``files``."""
+        target = save_tensors(self.path, relpath, tensors, metadata)
+        self.record_file(relpath)
+        return target
+
+    def write_json(self, relpath: str, value: Any) -> Path:
+        """Atomically write a small JSON side file (``nonfinite.json``) and list it in ``files``."""
+        target = write_json_atomic(store_file(self.path, relpath), value, indent=1, sort_keys=False)
+        self.record_file(relpath)
+        return target
+
+    def record_file(self, relpath: str, record: dict[str, Any] | None = None) -> None:
+        """List ``relpath`` in ``files`` (``record``: its `dataworth.util.file_record` as its writer computed
+        it — another rank —, else hashed here) and rewrite the manifest, so the record is durable before the
+        file is read by a resumed run."""
+        self._files[relpath] = record if record is not None else file_record(store_file(self.path, relpath))
+        self._write_manifest()
+
+    def load_tensors(self, relpath: str) -> dict[str, "torch.Tensor"]:
+        """Load a side file this store lists, after checking it against its ``files`` record."""
+        verify_side_file(self.path, relpath, self._files)
+        return load_tensors(self.path, relpath)
 
     def finalize(self, verify: bool = False) -> Store:
-        """Write ``ids.parquet`` (shard metas concatenated), mark the store complete, and open it.
+        """Write ``ids.parquet`` (shard metas concatenated), mark the store complete, release the writer lock,
+        and open the store.
 
         ``verify=True`` re-hashes every shard on the way (they were hashed while written, so off by default).
         """
-        tables = [read_meta(self.path / s["meta"], s["rows"]) for s in self._shards]
-        empty = _meta_table([], np.zeros(0, np.float64), np.zeros(0, np.int64))
-        table = pa.concat_tables(tables) if tables else empty
-        sha = _write_parquet(self.path / IDS_FILE, table.combine_chunks())
-        self._ids_entry = {"file": IDS_FILE, "rows": self.done_rows, "sha256": sha}
-        self._complete = True
-        self._write_manifest()
+        try:
+            tables = [read_meta(self.path / s["meta"], s["rows"]) for s in self._shards]
+            empty = _meta_table([], np.zeros(0, np.float64), np.zeros(0, np.int64))
+            table = pa.concat_tables(tables) if tables else empty
+            sha = _write_parquet(self.path / IDS_FILE, table.combine_chunks())
+            self._ids_entry = {"file": IDS_FILE, "rows": self.done_rows, "sha256": sha}
+            self._complete = True
+            self._write_manifest()
+        finally:
+            # The whole process lets go: a writer resumed inside this one (tests, notebooks) is finished too.
+            release_directory_lock(self.path)
+            self._lock = None
         return open_store(self.path, verify=verify)
 
 
