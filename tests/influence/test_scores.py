@@ -384,6 +384,24 @@ def test_score_cli_prints_top_rows_clamp_note_and_files(random_store, fake_model
     assert "dataworth score --store" in CliRunner().invoke(cli, ["score", "--help"]).output
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(list("\n\r\t\u202e\u2067\x1b")),
+                        min_size=1, max_size=12), min_size=2, max_size=4, unique=True))
+def test_score_terminal_table_escapes_newlines_and_bidi_controls_in_ids(ids):
+    """An id holding "\\n" or "\\r" must not start or overwrite a line of the printed table, and U+202E must
+    not reorder it: one line per shown row plus the header, nothing invisible left."""
+    import unicodedata
+
+    from dataworth.cli.score import format_top
+
+    table = pd.DataFrame({"query_id": [ids[0], ids[0]], "direction": ["positive", "negative"], "rank": [1, 1],
+                          "train_id": [ids[1], ids[-1]], "train_row": [0, 1], "score": [1.0, -1.0]})
+    result = types.SimpleNamespace(query_ids=[ids[0]], to_pandas=lambda: table)
+    printed = format_top(result, show=1, show_queries=1)
+    assert len(printed.split("\n")) == 3 and "\r" not in printed and "\t" not in printed
+    assert not [c for c in printed if unicodedata.category(c) in ("Cc", "Cf") and c != "\n"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # End to end with a real (tiny) model: extract → fit → score
 
