@@ -47,7 +47,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The parent directory is created; the temporary file is removed whatever happens, so an exception leaves
     ``path`` as it was (absent, or the previous complete version). An ``OSError`` that names no file (a full
-    disk fails in ``write``, which knows no path) is re-raised naming ``path``, so the user learns where.
+    disk fails in ``write``, which knows no path) or only the temporary one is re-raised naming ``path``, so
+    the user learns where, in the name they gave.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        if exc.filename is not None:
+        if exc.filename not in (None, str(tmp), tmp):
             raise
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
