@@ -170,3 +170,14 @@ def test_unreadable_input_and_unwritable_output_with_real_permissions(world, tmp
                               str(locked), "Permission denied")
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("command", ["extract", "demo"])
+def test_a_bad_rank_is_named_by_the_flag_given(world, tmp_path, command):
+    """``--rank 0`` was reported as ``--rank-in must be >= 1`` (a flag the user never typed), and by the
+    demo only after training."""
+    args = extract_args(world, tmp_path / "s") if command == "extract" else ["demo", "--out", str(tmp_path / "d")]
+    args += ["--rank", "0"]
+    line = assert_one_line_error(run(*args), "--rank must be >= 1, got 0")
+    assert "--rank-in" not in line
+    assert not (tmp_path / "d" / "model").exists()

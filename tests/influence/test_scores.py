@@ -364,6 +364,20 @@ def test_score_without_a_fitted_curvature_names_the_fit_command(random_store, fa
         SC.score(random_store.path, qfile, curvature="ekfac")
 
 
+@pytest.mark.parametrize("budget", ["nan", "inf", "0", "-2"])
+def test_score_cli_refuses_a_memory_budget_that_is_not_a_positive_number(random_store, fake_model, tmp_path, budget):
+    from dataworth.cli import cli
+
+    qfile = write_queries(tmp_path / "q.jsonl", QUERY_ROWS)
+    result = CliRunner().invoke(cli, ["score", "--store", str(random_store.path), "--queries", str(qfile), "--out",
+                                      str(tmp_path / "out"), "--curvature", "raw", "--memory-budget", budget])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("error: --memory-budget: must be") and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="--memory-budget: must be"):
+        S.score_budget(float(budget), random_store, 2, 3, "dot", False)
+
+
 def test_score_cli_prints_top_rows_clamp_note_and_files(random_store, fake_model, tmp_path):
     from dataworth.cli import cli
 

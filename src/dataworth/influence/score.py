@@ -33,7 +33,7 @@ from dataworth.gradients.modules import select_modules
 from dataworth.gradients.projection import build_projections
 from dataworth.gradients.queries import measurement_gradients, query_gradients
 from dataworth.gradients.task import Task
-from dataworth.influence.curvature import DEFAULT_CURVATURE, load_curvature
+from dataworth.influence.curvature import DEFAULT_CURVATURE, check_memory_budget, load_curvature
 from dataworth.influence.scores import (
     DEFAULT_BLOCK_ROWS,
     SCORES_FORMAT,
@@ -114,6 +114,8 @@ def score(
                                full=full, self_influence=self_influence, out=out)
 
     check_mode(mode)
+    if memory_budget_mb is not None:
+        check_memory_budget(memory_budget_mb)  # before the model loads
     started = time.perf_counter()
     ctx = init_distributed(device)
     check_agreement(ctx, {"store": str(store_path), "queries": str(queries) if not isinstance(queries, (list, tuple))
