@@ -181,3 +181,14 @@ def test_a_bad_rank_is_named_by_the_flag_given(world, tmp_path, command):
     line = assert_one_line_error(run(*args), "--rank must be >= 1, got 0")
     assert "--rank-in" not in line
     assert not (tmp_path / "d" / "model").exists()
+
+
+def test_error_lines_cannot_be_spoofed_by_the_data_they_quote(tmp_path):
+    """An error quotes paths and ids from the data: a bidi override or a carriage return in them is shown
+    escaped, so the line reads as what it is."""
+    data = tmp_path / "rows.jsonl"
+    data = tmp_path / "rows\u202elnosj.jsonl"
+    data.write_text('{"text": "x"}\n{"text": "y", "id": "\\r0"}\n{"text": "z", "id": "\\r0"}\n')
+    result = run("train", "--data", str(data), "--out", str(tmp_path / "m"))
+    assert_one_line_error(result, "rows\\u202elnosj.jsonl:3: duplicate id '\\r0'")
+    assert "\u202e" not in result.output and "\r" not in result.output

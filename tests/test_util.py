@@ -75,6 +75,12 @@ def test_right_to_left_override_cannot_disguise_a_file_name():
     assert displayable("\\x1b") == "\\\\x1b" and displayable("\x1b") == "\\x1b"
 
 
+def test_prose_keeps_its_backslashes_and_still_escapes_invisible_characters():
+    message = "x.jsonl:3: duplicate id 'a\\nb' (first at x.jsonl:1) \u202eevil\r"
+    assert displayable(message, one_line=True, reversible=False) == \
+        "x.jsonl:3: duplicate id 'a\\nb' (first at x.jsonl:1) \\u202eevil\\r"
+
+
 def test_every_format_character_python_knows_is_escaped():
     """The escaped set is written out by hand (fast to import); it must cover the running Unicode database."""
     missing = [f"U+{c:04X}" for c in range(sys.maxunicode + 1)

@@ -235,20 +235,27 @@ def _escape_char(char: str) -> str:
     return f"\\U{code:08x}"
 
 
-def _display_match(match: re.Match) -> str:
+def _reversible_match(match: re.Match) -> str:
     if match.group(1) is not None:
         return match.group(1) * 2
     return match.group(2) * 2 + _escape_char(match.group(3))
 
 
-def displayable(text: str, *, one_line: bool = False) -> str:
+def _plain_match(match: re.Match) -> str:
+    if match.group(1) is not None:
+        return match.group(1)
+    return match.group(2) + _escape_char(match.group(3))
+
+
+def displayable(text: str, *, one_line: bool = False, reversible: bool = True) -> str:
     """``text`` safe to show anywhere data is displayed (report HTML and Markdown, terminal tables, error lines):
     every invisible or layout-changing character (`_INVISIBLE`: controls, bidi overrides such as U+202E,
     zero-width and other format characters, lone surrogates) becomes a visible ``\\xNN`` / ``\\uNNNN`` /
     ``\\UNNNNNNNN``, so ``"gnp\\u202e.exe"`` cannot pass for ``exe.png``; ``one_line`` also escapes tab, newline
     and carriage return (``\\t``, ``\\n``, ``\\r``) for one-line displays. Reversible: backslashes that precede
-    an escape letter are doubled. Not HTML escaping (that is ``reports.render.esc``)."""
-    return _DISPLAY_PATTERNS[one_line].sub(_display_match, text)
+    an escape letter are doubled — except with ``reversible=False``, for prose such as an error message, whose
+    quoted values are already ``repr``-escaped. Not HTML escaping (that is ``reports.render.esc``)."""
+    return _DISPLAY_PATTERNS[one_line].sub(_reversible_match if reversible else _plain_match, text)
 
 
 def finite_number(value: Any, name: str) -> float:

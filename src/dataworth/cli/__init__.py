@@ -57,7 +57,7 @@ class _Group(click.Group):
 
 def fail(message: str) -> None:
     """``error: <message>`` on stderr (escaped: a message may quote a path or id from the data), exit 2."""
-    click.echo(f"error: {displayable(one_line(message).strip(), one_line=True)}", err=True)
+    click.echo(f"error: {displayable(one_line(message).strip(), one_line=True, reversible=False)}", err=True)
     sys.exit(2)
 
 

@@ -280,8 +280,6 @@ def _forget_dequantized_gguf(model: Any) -> None:
 
 
 def _load_hf_cache(model_id: str, dtype: torch.dtype, attn: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not model_id:
         raise InputError("model 'hf:': missing model id after 'hf:'")
     from huggingface_hub import snapshot_download
