@@ -4,7 +4,8 @@ already written stays valid: an interrupted store resumes to the very store a cl
 
 Tests may run as root, for whom ``chmod`` denies nothing: the root-proof cases use a path under a regular file
 (ENOTDIR / EEXIST, raised by the kernel) or make one call raise the OSError the kernel would (ENOSPC, EROFS,
-EACCES); the real ``chmod`` case runs only for other users.
+EACCES); the real ``chmod`` case runs in a subprocess, for root under ``setpriv`` without the capabilities
+that override permissions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +122,6 @@ def test_an_output_under_a_regular_file_is_one_line_naming_the_path(world, comma
 
 
 def test_fit_into_a_store_whose_curvature_folder_is_a_file_is_one_line(world, tmp_path):
-    import shutil
-
     store = tmp_path / "store"
     shutil.copytree(world / "store", store)
     shutil.rmtree(store / "curvature", ignore_errors=True)
@@ -153,21 +155,37 @@ def test_read_only_file_system_and_permission_denied_name_the_path(world, tmp_pa
     assert_one_line_error(run(*extract_args(world, tmp_path / "x")), f"{data}: Permission denied")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="runs as root, for whom chmod denies nothing (the monkeypatched EACCES case covers it)")
+def _without_root_override() -> list[str]:
+    """A command prefix under which ``chmod`` denies: none for other users; for root, ``setpriv`` dropping
+    the capabilities that let root read and write past permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("runs as root, for whom chmod denies nothing, and setpriv (util-linux) is not installed")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
 def test_unreadable_input_and_unwritable_output_with_real_permissions(world, tmp_path):
+    """Real EACCES from the kernel, in a real process: an unreadable data file, an output directory that may
+    not be written to."""
+    prefix = _without_root_override()
     data = tmp_path / "train.jsonl"
     data.write_text((world / "train.jsonl").read_text())
     data.chmod(0)
-    args = extract_args(world, tmp_path / "s")
-    args[args.index("--data") + 1] = str(data)
-    assert_one_line_error(run(*args), str(data), "Permission denied")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    args = extract_args(world, tmp_path / "s")
+    args[args.index("--data") + 1] = str(data)
     try:
-        assert_one_line_error(run("report", "--scores", str(world / "scores"), "--out", str(locked / "r")),
-                              str(locked), "Permission denied")
+        for command, path in ((args, data),
+                              (["report", "--scores", str(world / "scores"), "--out", str(locked / "r")], locked / "r")):
+            done = subprocess.run([*prefix, sys.executable, "-m", "dataworth", *command], capture_output=True,
+                                  text=True, timeout=300)
+            assert done.returncode == 2, done.stderr
+            assert "Traceback" not in done.stderr
+            assert done.stderr.strip().splitlines()[-1] == f"error: {path}: Permission denied"
     finally:
         locked.chmod(0o700)
 
