@@ -437,3 +437,25 @@ def test_faiss_flat_index_is_exact_and_ivf_recall_is_reported(tmp_path):
     assert res.exit_code == 0, res.output
     figures = json.loads((tmp_path / "recall.json").read_text())
     assert 0 < figures["recall@10"] < 1 and f"recall@10: {figures['recall@10']}" in res.output
+
+
+@pytest.mark.parametrize("factory, train_size, expected", [
+    ("IVF50,Flat", None, "50 clusters need at least 50 training rows and the store has 30; use at most 30 clusters"),
+    ("PCA16,IVF40,Flat", None, "40 clusters need at least 40 training rows and the store has 30"),
+    ("IVF20,Flat", 10, "20 clusters need at least 20 training rows and --train-size is 10"),
+    ("IVF2,PQ8", None, "FAISS cannot train it on 30 rows (Number of training points (30) should be at least"),
+])
+def test_faiss_index_with_more_clusters_than_rows_is_one_line(tmp_path, factory, train_size, expected):
+    """FAISS asserts in C++ (a RuntimeError traceback): say how many rows there are and the most clusters."""
+    pytest.importorskip("faiss")
+    from click.testing import CliRunner
+
+    from dataworth.cli import cli
+
+    store = synthetic_store(tmp_path / "s", n=30)
+    args = ["index", "build", "--store", str(store.path), "--factory", factory]
+    res = CliRunner().invoke(cli, args + (["--train-size", str(train_size)] if train_size else []))
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: --factory {factory!r}: ") and expected in line
+    assert not (store.path / "index").exists()

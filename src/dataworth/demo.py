@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dataworth.data.rows import load_rows
+from dataworth.errors import InputError
 from dataworth.evaluation.facts import fact_tracing_table
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.influence.curvature import ensure_curvature
@@ -51,6 +52,10 @@ class DemoConfig:
     default_mode: str = "cosine"
     top_k: int = 10
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:  # before minutes of training, not at extraction (where the field is rank_in)
+            raise InputError(f"--rank must be >= 1, got {self.rank}")
 
 
 @dataclass

@@ -15,7 +15,9 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import threading
@@ -51,7 +53,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield ``path.tmp-<pid>`` to write; on success fsync it and ``os.replace`` it onto ``path``.
 
     The parent directory is created; the temporary file is removed whatever happens, so an exception leaves
-    ``path`` as it was (absent, or the previous complete version).
+    ``path`` as it was (absent, or the previous complete version). An ``OSError`` that names no file (a full
+    disk fails in ``write``, which knows no path) or only the temporary one is re-raised naming ``path``, so
+    the user learns where, in the name they gave.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.filename not in (None, str(tmp), tmp):
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -373,6 +381,69 @@ def torch_threads(threads: int | None):
 
 # ---------------------------------------------------------------------------------------------------------
 # Messages and progress
+
+
+# Characters that must never reach a page or a terminal raw (`displayable`): C0/C1 controls other than tab,
+# newline and carriage return; every Unicode format character (category Cf: the bidi controls U+061C,
+# U+200E/F, U+202A–U+202E, U+2066–U+2069, zero-width spaces and joiners, soft hyphen, BOM, interlinear and
+# tag characters, …); the line and paragraph separators U+2028/U+2029; lone surrogates. Hard-coded (a scan of
+# the Unicode database costs 0.15 s per process); tests check it covers every Cf character Python knows.
+_INVISIBLE = ("\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+              "\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff"
+              "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+              "\U000e0001\U000e0020-\U000e007f")
+# Per mode: the letters that start an escape, and what else is escaped. A run of backslashes right before
+# such a letter or an escaped character is doubled, so the display stays reversible (the text's four
+# characters ``\x1b`` show as ``\\x1b``, the one character ESC as ``\x1b``) while ``\frac`` stays ``\frac``.
+_DISPLAY_PATTERNS = {
+    one_line: re.compile(rf"(\\+)(?=[{letters}])|(\\*)([{_INVISIBLE}{extra}])")
+    for one_line, letters, extra in ((False, "xuU", ""), (True, "xuUtnr", "\t\n\r"))
+}
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _reversible_match(match: re.Match) -> str:
+    if match.group(1) is not None:
+        return match.group(1) * 2
+    return match.group(2) * 2 + _escape_char(match.group(3))
+
+
+def _plain_match(match: re.Match) -> str:
+    if match.group(1) is not None:
+        return match.group(1)
+    return match.group(2) + _escape_char(match.group(3))
+
+
+def displayable(text: str, *, one_line: bool = False, reversible: bool = True) -> str:
+    """``text`` safe to show anywhere data is displayed (report HTML and Markdown, terminal tables, error lines):
+    every invisible or layout-changing character (`_INVISIBLE`: controls, bidi overrides such as U+202E,
+    zero-width and other format characters, lone surrogates) becomes a visible ``\\xNN`` / ``\\uNNNN`` /
+    ``\\UNNNNNNNN``, so ``"gnp\\u202e.exe"`` cannot pass for ``exe.png``; ``one_line`` also escapes tab, newline
+    and carriage return (``\\t``, ``\\n``, ``\\r``) for one-line displays. Reversible: backslashes that precede
+    an escape letter are doubled — except with ``reversible=False``, for prose such as an error message, whose
+    quoted values are already ``repr``-escaped. Not HTML escaping (that is ``reports.render.esc``)."""
+    return _DISPLAY_PATTERNS[one_line].sub(_reversible_match if reversible else _plain_match, text)
+
+
+def finite_number(value: Any, name: str) -> float:
+    """``value`` as a float, or an ``InputError`` naming ``name`` (a flag or field) when it is NaN or ±inf.
+
+    Why: ``float("inf") > 0`` passes every range check, and ``nan`` fails them with a misleading message."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise InputError(f"{name}: must be a finite number, got {value}")
+    return number
 
 
 def say(message: str) -> None:

@@ -318,7 +318,7 @@ _messages = st.lists(
 
 _valid_row = st.one_of(
     st.fixed_dictionaries({"text": _words()}),
-    st.fixed_dictionaries({"prompt": _words(), "response": _words()}),
+    st.fixed_dictionaries({"prompt": _words(), "response": _words().filter(str.strip)}),  # blank: refused
     st.fixed_dictionaries({"messages": _messages}),
 )
 _valid_row = st.tuples(_valid_row, st.sampled_from(["web", "book"])).map(lambda pair: {**pair[0], "source": pair[1]})
@@ -402,6 +402,12 @@ BAD_JSONL = [
     (b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}\n', 1, "messages[0].content' missing"),
     (b'{"messages": [{"role": "user", "content": 3}]}\n', 1, "messages[0].content' must be a string"),
     (b'{"text": "a", "id": {"x": 1}}\n', 1, "field 'id' must be a string or an integer"),
+    (b'{"prompt": "q", "response": ""}\n', 1, "field 'response' is empty (nothing to measure"),
+    (b'{"text": "a"}\n{"prompt": "q", "completion": " \\n\\t "}\n', 2, "field 'completion' is empty"),
+    (b'{"instruction": "q", "input": "x", "output": ""}\n', 1, "field 'output' is empty"),
+    (b'{"id": "r1", "text": null}\n', 1, "field 'text' is null"),
+    (b'{"prompt": null, "response": "r"}\n', 1, "field 'prompt' is null, expected a string"),
+    (b'{"prompt": "q", "response": null}\n', 1, "field 'response' is null, expected a string"),
     (b'{"id": "a", "text": "x"}\n{"text": "y"}\n{"id": "a", "text": "z"}\n', 3, "duplicate id 'a' (first at {path}:1)"),
     (b'{"id": "1", "text": "x"}\n{"text": "y"}\n', 2, "duplicate id '1' (first at {path}:1)"),
 ]
@@ -507,8 +513,39 @@ def test_parquet_rows_with_nested_messages(tmp_path):
     assert rows[1].messages == CONVERSATION
     bad = tmp_path / "bad.parquet"
     pd.DataFrame([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": None}]).to_parquet(bad)
-    with pytest.raises(InputError, match=rf"^{re.escape(str(bad))}:2: field 'response' missing"):
+    with pytest.raises(InputError, match=rf"^{re.escape(str(bad))}:2: field 'response' is null"):
         load_rows(bad)
+
+
+def test_empty_response_is_refused_like_an_empty_assistant_turn(tmp_path):
+    """Both would measure only the end token; both are refused naming file:line, and --skip-bad lists them."""
+    path = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": "ok", "prompt": "Where?", "response": " Paris."},
+        {"id": "empty", "prompt": "Where?", "response": ""},
+        {"id": "turn", "messages": [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": ""}]},
+    ])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}:2: field 'response' is empty"):
+        load_rows(path)
+    rows, bad = load_rows_report(path, skip_bad=True)
+    assert [r.id for r in rows] == ["ok"] and [b.id for b in bad] == ["empty", "turn"]
+
+
+def test_files_of_other_types_in_a_data_directory_are_named_never_skipped_silently(tmp_path, caplog):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "a0"}])
+    for name in ("rows.csv", "more.jsonl.gz", "sub/notes.txt", "sub/x.tsv", "y.txt", "z.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("text\nhello\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref\n")
+    with caplog.at_level("WARNING", logger="dataworth.data.rows"):
+        rows = load_rows(tmp_path)
+    assert [r.data["text"] for r in rows] == ["a0"]
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == [f"{tmp_path}: skipped 6 file(s) of unsupported type (read: .jsonl, .ndjson, .json, .parquet): "
+                     "more.jsonl.gz, rows.csv, sub/notes.txt, sub/x.tsv, y.txt and 1 more"]
+    only_csv = tmp_path / "sub"
+    with pytest.raises(InputError, match=r"holds no .jsonl/.ndjson/.json/.parquet files \(it holds notes.txt, x.tsv\)"):
+        load_rows(only_csv)
 
 
 def test_directory_concatenates_files_in_relative_path_order(tmp_path):

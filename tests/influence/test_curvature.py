@@ -13,10 +13,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from click.testing import CliRunner
 from conftest import write_test_store
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dataworth.errors import InputError
 from dataworth.influence import curvature as C
@@ -328,6 +328,21 @@ def test_unknown_curvature_kind_is_an_input_error(tiny_store):
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-inf", "0", "-1"])
+def test_fit_cli_refuses_a_memory_budget_that_is_not_a_positive_number(tmp_path_factory, tiny_gradients, budget):
+    """NaN / inf were a 'cannot convert float NaN to integer' traceback: one line naming the flag instead."""
+    from dataworth.cli import cli
+
+    rows, modules, kfac = tiny_gradients
+    store = write_store(tmp_path_factory.mktemp("budget") / "s", rows, modules, kfac=kfac)
+    result = CliRunner().invoke(cli, ["fit", "--store", str(store.path), "--curvature", "raw", "--memory-budget",
+                                      budget])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip().splitlines() == [result.output.strip().splitlines()[-1]]
+    assert result.output.startswith("error: --memory-budget: must be")
+    assert not (store.path / "curvature" / "raw.safetensors").exists()
 
 
 def test_fit_cli_saves_the_curvature_and_reports_damping(tmp_path, tiny_gradients):

@@ -364,6 +364,20 @@ def test_score_without_a_fitted_curvature_names_the_fit_command(random_store, fa
         SC.score(random_store.path, qfile, curvature="ekfac")
 
 
+@pytest.mark.parametrize("budget", ["nan", "inf", "0", "-2"])
+def test_score_cli_refuses_a_memory_budget_that_is_not_a_positive_number(random_store, fake_model, tmp_path, budget):
+    from dataworth.cli import cli
+
+    qfile = write_queries(tmp_path / "q.jsonl", QUERY_ROWS)
+    result = CliRunner().invoke(cli, ["score", "--store", str(random_store.path), "--queries", str(qfile), "--out",
+                                      str(tmp_path / "out"), "--curvature", "raw", "--memory-budget", budget])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("error: --memory-budget: must be") and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="--memory-budget: must be"):
+        S.score_budget(float(budget), random_store, 2, 3, "dot", False)
+
+
 def test_score_cli_prints_top_rows_clamp_note_and_files(random_store, fake_model, tmp_path):
     from dataworth.cli import cli
 
@@ -382,6 +396,24 @@ def test_score_cli_prints_top_rows_clamp_note_and_files(random_store, fake_model
                                    "--out", str(out), "--curvature", "kfac"])
     assert bad.exit_code == 2 and bad.output.startswith("error: ")
     assert "dataworth score --store" in CliRunner().invoke(cli, ["score", "--help"]).output
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(list("\n\r\t\u202e\u2067\x1b")),
+                        min_size=1, max_size=12), min_size=2, max_size=4, unique=True))
+def test_score_terminal_table_escapes_newlines_and_bidi_controls_in_ids(ids):
+    """An id holding "\\n" or "\\r" must not start or overwrite a line of the printed table, and U+202E must
+    not reorder it: one line per shown row plus the header, nothing invisible left."""
+    import unicodedata
+
+    from dataworth.cli.score import format_top
+
+    table = pd.DataFrame({"query_id": [ids[0], ids[0]], "direction": ["positive", "negative"], "rank": [1, 1],
+                          "train_id": [ids[1], ids[-1]], "train_row": [0, 1], "score": [1.0, -1.0]})
+    result = types.SimpleNamespace(query_ids=[ids[0]], to_pandas=lambda: table)
+    printed = format_top(result, show=1, show_queries=1)
+    assert len(printed.split("\n")) == 3 and "\r" not in printed and "\t" not in printed
+    assert not [c for c in printed if unicodedata.category(c) in ("Cc", "Cf") and c != "\n"]
 
 
 # ---------------------------------------------------------------------------------------------------------

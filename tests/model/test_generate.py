@@ -193,6 +193,41 @@ def test_cli_generate_end_to_end_and_bad_input_exit_2(model_dir, tmp_path):
     assert f"{prompts}:2" in bad.output
 
 
+@pytest.mark.parametrize("flags, flag", [
+    (["--sample", "--temperature", "0"], "--temperature"),
+    (["--sample", "--temperature", "-1"], "--temperature"),
+    (["--sample", "--temperature", "nan"], "--temperature"),
+    (["--sample", "--top-p", "2"], "--top-p"),
+    (["--top-p", "2"], "--top-p"),
+    (["--sample", "--top-p", "0"], "--top-p"),
+    (["--sample", "--top-p", "inf"], "--top-p"),
+])
+def test_cli_generate_refuses_impossible_sampling_settings_in_one_line(model_dir, tmp_path, flags, flag):
+    """Temperature divides the logits and top-p is a share of probability mass: temperature 0 with sampling
+    was a traceback, top-p 2 was accepted silently."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Bob"}\n')
+    result = CliRunner().invoke(cli, ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--out",
+                                      str(tmp_path / "g.jsonl"), "--max-new-tokens", "2", "--device", "cpu", *flags])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"error: {flag}: must be")
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_cli_generate_says_when_responses_are_empty(tmp_path, monkeypatch):
+    """A model that ends at once gives an empty response, which score refuses: say so when it is written."""
+    import dataworth.cli.generate as command
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    rows = [{"id": "q0", "prompt": "a", "response": ""}, {"id": "q\u202e1", "prompt": "b", "response": " x"}]
+    monkeypatch.setattr(command, "generate", lambda *args, **kwargs: rows)
+    result = CliRunner().invoke(cli, ["generate", "--model", "m", "--prompts", str(prompts), "--out",
+                                      str(tmp_path / "g.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "note: 1 response(s) are empty (the model ended at once: q0)" in result.stderr
+
+
 @pytest.mark.slow
 def test_smollm2_answers_in_english(tmp_path):
     prompts = tmp_path / "p.json"

@@ -141,6 +141,127 @@ def test_load_model_rejects_dir_without_config_and_non_gguf_file(tmp_path):
         load_model(broken, device="cpu")
 
 
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _as_pickle_checkpoint(path):
+    from safetensors.torch import load_file
+
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")  # a real .bin checkpoint
+    (path / "model.safetensors").unlink()
+
+
+def _drop_tokenizer(path):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+
+
+CORRUPTIONS = {
+    "truncated weights": (lambda p: _truncate(p / "model.safetensors"),
+                          "model.safetensors: not a readable safetensors file"),
+    "garbage weights": (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 64),
+                        "model.safetensors: not a readable safetensors file"),
+    "invalid config.json": (lambda p: (p / "config.json").write_text('{"model_type": "llama", '),
+                            "config.json:1: invalid JSON"),
+    "truncated tokenizer.json": (lambda p: _truncate(p / "tokenizer.json"), "tokenizer.json:"),
+    "no tokenizer files": (_drop_tokenizer, "no tokenizer files"),
+    "no weights": (lambda p: (p / "model.safetensors").unlink(), "no weights (model.safetensors"),
+    "only a pickle checkpoint": (_as_pickle_checkpoint, "pytorch_model.bin: a pickle checkpoint, which dataworth "
+                                                        "does not load"),
+    "sharded index lists a missing shard": (
+        lambda p: (p / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-00001.safetensors"}}'),
+        "model.safetensors.index.json: lists model-00001.safetensors, which is not in"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CORRUPTIONS))
+def test_a_damaged_model_directory_is_one_line_naming_the_file(saved_llama, tmp_path, damage):
+    """Each used to end in a transformers / safetensors traceback (or, for a .bin, in unpickling it)."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from dataworth.cli import cli
+
+    path = tmp_path / "model"
+    shutil.copytree(saved_llama[0], path)
+    corrupt, message = CORRUPTIONS[damage]
+    corrupt(path)
+    with pytest.raises(InputError) as info:
+        load_model(path, device="cpu")
+    assert message in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+    if damage == "only a pickle checkpoint":
+        assert "save_pretrained" in str(info.value)  # how to convert it
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Bob"}\n')
+    result = CliRunner().invoke(cli, ["generate", "--model", str(path), "--prompts", str(prompts), "--out",
+                                      str(tmp_path / "g.jsonl"), "--device", "cpu"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.strip().splitlines()[-1] == f"error: {info.value}"
+
+
+def test_a_pickle_checkpoint_is_never_unpickled(saved_llama, tmp_path, monkeypatch):
+    """Refused before transformers is asked: torch.load must not run even once."""
+    import shutil
+
+    path = tmp_path / "model"
+    shutil.copytree(saved_llama[0], path)
+    _as_pickle_checkpoint(path)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called on a pickle"))
+    with pytest.raises(InputError, match="pickle checkpoint"):
+        load_model(path, device="cpu")
+
+
+def test_a_lora_adapter_directory_loads_and_its_damage_is_named(saved_llama, tmp_path):
+    """A PEFT adapter (adapter_config.json + adapter_model.safetensors) on the saved base loads unmerged;
+    a broken adapter_config.json, a truncated or pickled adapter is one line naming the file."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    path = tmp_path / "adapter"
+    base = build_llama(len(build_tokenizer()), seed=3)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    peft_model.peft_config["default"].base_model_name_or_path = str(saved_llama[0])
+    peft_model.save_pretrained(path)
+    assert any("lora_A" in name for name, _ in load_model(path, device="cpu").model.named_parameters())
+
+    config = (path / "adapter_config.json").read_text()
+    (path / "adapter_config.json").write_text(config[: len(config) // 2])
+    with pytest.raises(InputError, match=r"adapter_config.json:\d+: invalid JSON"):
+        load_model(path, device="cpu")
+    (path / "adapter_config.json").write_text(config)
+    weights = path / "adapter_model.safetensors"
+    tensors, data = load_file(weights), weights.read_bytes()
+    weights.write_bytes(data[:-10])
+    with pytest.raises(InputError, match="adapter_model.safetensors: not a readable safetensors file"):
+        load_model(path, device="cpu")
+    weights.unlink()
+    torch.save(tensors, path / "adapter_model.bin")
+    with pytest.raises(InputError, match="adapter_model.bin: a pickle checkpoint"):
+        load_model(path, device="cpu")
+
+
+def test_hf_cache_models_get_the_same_checks_as_directories(saved_llama, tmp_path, monkeypatch):
+    """``hf:ID`` resolves to its local snapshot folder, which then loads like a directory: safetensors only."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(saved_llama[0], snapshot)
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    loaded = load_model("hf:someone/tiny", device="cpu")
+    assert loaded.fingerprint == model_fingerprint(saved_llama[1])
+    _as_pickle_checkpoint(snapshot)
+    with pytest.raises(InputError, match=r"pytorch_model.bin: a pickle checkpoint"):
+        load_model("hf:someone/tiny", device="cpu")
+
+
 def test_smollm2_missing_package_tells_how_to_install(monkeypatch):
     import importlib.util
 

@@ -313,6 +313,73 @@ def test_train_config_validation_names_the_field():
     assert TrainConfig.from_preset("tiny", epochs=None).epochs == TrainConfig().epochs
 
 
+_FLOAT_FIELDS = ["lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "eps", "grad_clip", "lora_dropout", "betas"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(_FLOAT_FIELDS), st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+def test_non_finite_hyper_parameters_are_refused_naming_the_field(name, value):
+    """``inf > 0`` passes a range check: every float field must be refused when NaN or ±inf."""
+    given_value = (0.9, value) if name == "betas" else value
+    with pytest.raises(InputError, match=rf"field '{name}'.*must be a finite number"):
+        TrainConfig.from_preset("tiny-test", **{name: given_value})
+
+
+def _train_cli(out, *flags):
+    return CliRunner().invoke(cli, ["train", "--data", DATA, "--out", str(out), "--preset", "tiny-test",
+                                    "--queries", "none", *flags])
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: "), result.output
+    return line
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan", "-inf"])
+def test_cli_train_refuses_a_non_finite_learning_rate_naming_the_flag(tmp_path, lr):
+    assert "--lr" in _one_line_error(_train_cli(tmp_path / "m", "--lr", lr))
+    assert not (tmp_path / "m").exists()
+
+
+def test_training_whose_loss_becomes_nan_stops_and_leaves_the_earlier_model_untouched(trained, tmp_path):
+    """lr 1e30 is finite but blows the weights up after the first steps; training must stop at the first
+    NaN loss naming epoch and step, exit 2, and ``--out`` (here an earlier train output) must stay as it was,
+    with no half-saved model or staging folder beside it."""
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(trained[0].out_dir, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = _one_line_error(_train_cli(out, "--lr", "1e30", "--epochs", "3"))
+    assert "loss became nan" in line and "epoch 1" in line and "step" in line
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_weights_broken_by_the_last_step_are_never_saved(tmp_path, monkeypatch):
+    """The very last optimizer step leaves a weight non-finite (its loss was finite, so no later loss can
+    tell): the check before saving stops it, and nothing is written."""
+    real_step = torch.optim.AdamW.step
+
+    def breaking_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", breaking_step)
+    line = _one_line_error(_train_cli(tmp_path / "m", "--epochs", "1", "--batch-size", "256"))
+    assert "NaN or inf" in line and "after epoch 1" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_learning_rate_beyond_float32_is_refused_not_a_traceback(tmp_path):
+    assert "float32" in _one_line_error(_train_cli(tmp_path / "m", "--lr", "1e39"))
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 def test_cli_train_runs_and_refuses_a_foreign_out_dir(tmp_path):

@@ -54,7 +54,7 @@ def pipeline(tmp_path_factory, tiny_tokenizer):
         "The capital of France is Paris. Oxford is a university town.",
         "café 日本語 🙂 naïve — résumé\tafter a tab\nand a new line \x00 null",
         "Reverse the word cat: tac. " * 8,
-        "What is 2 plus 3? It is 5.",
+        "What is 2 plus 3? It is 5. See gnp\u202e.exe",
         IMG_DOC,
         "Acme hires physicists from Oxford.",
         ENTITY_DOC,
@@ -63,7 +63,8 @@ def pipeline(tmp_path_factory, tiny_tokenizer):
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     queries = [
         {"id": "q-alice", "prompt": "Where was Alice Smith born?", "response": " Paris."},
-        {"id": "q-bob", "prompt": "What did Bob study?", "response": " physics at Oxford"},
+        {"id": "q-bob", "prompt": "What did Bob study? \u2067gnp\u202e.exe\u2069\u200b",
+         "response": " physics at Oxford"},
         {"id": "q-<b>evil</b>", "prompt": "<script>alert(1)</script>", "response": " tac &amp; cat"},
     ]
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
@@ -171,11 +172,12 @@ def test_every_shown_document_has_token_contributions_summing_to_its_score(pipel
 
 def test_highlighted_tokens_read_back_as_the_exact_document_text(pipeline):
     """The escaped token spans, parsed back by an HTML parser, give each document's text character for
-    character (with <s> / </s>; the NUL shown as a visible \\x00) — escaping loses and adds nothing."""
+    character (with <s> / </s>; the NUL and the right-to-left override shown as visible \\x00 and \\u202e) —
+    escaping loses and adds nothing."""
     page = _parse(pipeline["html"])
     texts = {f"d{i}": t for i, t in enumerate(pipeline["texts"])}
     for doc in page.docs:
-        original = texts[doc["data-train-id"]].replace("\x00", "\\x00")
+        original = texts[doc["data-train-id"]].replace("\x00", "\\x00").replace("\u202e", "\\u202e")
         if doc["data-train-id"] == "d5":  # cut at extraction and for display: a prefix
             assert ("<s>" + original).startswith(doc["text"]) and len(doc["text"]) > 100
         else:
@@ -228,7 +230,7 @@ def test_enormous_texts_are_cut_with_a_marker_that_counts_what_is_left_out():
 def test_displayable_replaces_surrogates_and_controls_visibly():
     from dataworth.reports.render import displayable, esc
 
-    assert displayable("a\ud800b\x00c\x1bd\te\nf") == "a\ufffdb\\x00c\\x1bd\te\nf"
+    assert displayable("a\ud800b\x00c\x1bd\te\nf") == "a\\ud800b\\x00c\\x1bd\te\nf"
     assert esc('<img src=x onerror="x">&') == "&lt;img src=x onerror=&quot;x&quot;&gt;&amp;"
     esc("\udcff").encode("utf-8")  # encodable after sanitising
 
@@ -249,6 +251,20 @@ def test_data_strings_are_escaped_and_the_page_is_self_contained(pipeline):
     assert "Content-Security-Policy" in text
     md = (pipeline["html"].parent / "report.md").read_text(encoding="utf-8")
     assert "<script" not in md and "<img" not in md and "&lt;script&gt;" in md
+
+
+def test_no_bidi_or_invisible_character_from_the_data_reaches_the_report(pipeline):
+    """U+202E in a document or a query would let "gnp\u202e.exe" show as "exe.png"; every such character of the
+    data (bidi controls, zero-width and other format characters, controls) appears as a visible escape."""
+    import unicodedata
+
+    for name, backslash in (("report.html", "\\"), ("report.md", "\\\\")):  # Markdown escapes a backslash
+        text = (pipeline["html"].parent / name).read_text(encoding="utf-8")
+        raw = sorted({f"U+{ord(c):04X}" for c in text
+                      if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c not in "\n\t\r"})
+        assert raw == [], f"{name} holds {raw}"
+        shown = f"{backslash}u2067gnp{backslash}u202e.exe{backslash}u2069{backslash}u200b"
+        assert shown in text, name
 
 
 def test_plots_are_written_beside_the_report_and_embedded(pipeline):

@@ -1,7 +1,11 @@
 """The `dataworth` command line: a thin layer that parses flags, calls one API function and prints.
 
 Each command lives in its own module under `dataworth.cli` and is registered in `COMMANDS` only once it
-works. Bad input raises `dataworth.errors.InputError`; here it becomes one line on stderr and exit code 2.
+works. Bad input raises `dataworth.errors.InputError`; here it becomes one line on stderr and exit code 2. So
+does an ``OSError`` (permission denied, disk full, read-only file system, a directory where a file belongs):
+the user's environment, not a bug, so one line naming the path and the system's reason, not a traceback.
+What was already written stays valid: every file is replaced atomically, and a store resumes from its
+finished shards.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import sys
 
 import click
 
-from dataworth.errors import InputError
+from dataworth.errors import InputError, one_line
+from dataworth.util import displayable
 
 # (module under dataworth.cli, attribute holding the click command), in the order `--help` lists them.
 COMMANDS: list[tuple[str, str]] = [
@@ -45,8 +50,28 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except InputError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            fail(str(exc))
+        except OSError as exc:
+            fail(os_error_line(exc))
+
+
+def fail(message: str) -> None:
+    """``error: <message>`` on stderr (escaped: a message may quote a path or id from the data), exit 2."""
+    click.echo(f"error: {displayable(one_line(message).strip(), one_line=True, reversible=False)}", err=True)
+    sys.exit(2)
+
+
+def os_error_line(exc: OSError) -> str:
+    """``path: reason`` for an OSError (``path -> other: reason`` for a rename), or its reason alone.
+
+    ``strerror`` is the system's text for the errno (``Permission denied``, ``No space left on device``);
+    errors raised by libraries without an errno keep their own message.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return reason
+    target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+    return f"{exc.filename}{target}: {reason}"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

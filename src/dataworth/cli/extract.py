@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from dataworth.errors import InputError
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.store.format import STORE_DTYPES
 
@@ -43,6 +44,8 @@ def extract_command(model, data, out, modules, projection, rank, rank_in, rank_o
           --out demo_out/store --rank 16 --modules mlp --autocast bf16
     """
     if rank is not None:
+        if rank < 1:  # checked here: the config only knows rank_in / rank_out, and would name --rank-in
+            raise InputError(f"--rank must be >= 1, got {rank}")
         rank_in = rank_out = rank
     cfg = ExtractConfig(model=model, data=data, out=out, modules=modules, projection=projection, rank_in=rank_in,
                         rank_out=rank_out, dense_dim=dense_dim, seed=seed, dtype=dtype, batch_size=batch_size,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import click
 
-from dataworth.influence.curvature import CURVATURE_KINDS, DAMPING_HELP, DEFAULT_CURVATURE, fit
+from dataworth.influence.curvature import (
+    CURVATURE_KINDS,
+    DAMPING_HELP,
+    DEFAULT_CURVATURE,
+    fit,
+)
 
 
 @click.command("fit")

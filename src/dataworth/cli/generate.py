@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dataworth.model.generate import generate
+from dataworth.util import displayable
 
 
 @click.command("generate")
@@ -33,3 +34,8 @@ def generate_command(model, prompts, out, max_new_tokens, do_sample, temperature
                     temperature=temperature, top_p=top_p, seed=seed,
                     chat={"auto": "auto", "yes": True, "no": False}[chat], batch_size=batch_size, device=device)
     click.echo(f"generated {len(rows)} responses → {out}")
+    empty = [str(row["id"]) for row in rows if not row["response"].strip()]
+    if empty:  # kept in OUT as generated, but a query with nothing to measure is refused by score / extract
+        shown = ", ".join(displayable(i, one_line=True) for i in empty[:5]) + (", …" if len(empty) > 5 else "")
+        click.echo(f"note: {len(empty)} response(s) are empty (the model ended at once: {shown}); `dataworth score` "
+                   "refuses them, as an empty response measures only the end token", err=True)

@@ -11,6 +11,7 @@ from dataworth.errors import InputError
 from dataworth.influence.curvature import CURVATURE_KINDS, DEFAULT_CURVATURE
 from dataworth.influence.score import STREAM_PROJECTIONS, score, score_stream
 from dataworth.influence.scores import SCORE_MODES
+from dataworth.util import displayable
 
 
 @click.command("score")
@@ -116,15 +117,16 @@ def check_store_flags(store, no_store, data, model, curvature, self_influence, m
 
 def format_top(result, show: int, show_queries: int) -> str:
     """A short plain-text table: for the first ``show_queries`` queries, the ``show`` most positive (+) and
-    most negative (-) rows."""
+    most negative (-) rows. Ids come from the data: newlines, bidi overrides and other invisible characters in
+    them are shown escaped (`displayable`), so they cannot break or disguise a line."""
     lines = [f"{'query':<20} {'dir':<4} {'rank':>4} {'train_id':<24} {'score':>12}"]
     table = result.to_pandas()
     shown = set(result.query_ids[:show_queries])
     table = table[(table["rank"] <= show) & table["query_id"].isin(shown)]
     for rec in table.itertuples(index=False):
         direction = "+" if rec.direction == "positive" else "-"
-        lines.append(f"{str(rec.query_id)[:20]:<20} {direction:<4} {rec.rank:>4} {str(rec.train_id)[:24]:<24} "
-                     f"{rec.score:>12.5g}")
+        query_id, train_id = (displayable(str(i), one_line=True) for i in (rec.query_id, rec.train_id))
+        lines.append(f"{query_id[:20]:<20} {direction:<4} {rec.rank:>4} {train_id[:24]:<24} {rec.score:>12.5g}")
     if len(result.query_ids) > show_queries:
         lines.append(f"... and {len(result.query_ids) - show_queries} more queries (see topk.parquet)")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dataworth.reports.ledger import ledger_name, value_ledger
+from dataworth.util import displayable
 
 
 @click.command("value")
@@ -34,7 +35,9 @@ def value_command(scores_dir, by, store, data, out, show):
                f"({'full matrix' if basis == 'full' else 'top-k entries only; score --full for exact sums'})")
     key = by or "train_id"
     columns = [key, "n_docs", "net_sum", "positive_sum", "negative_sum", "topk_positive", "topk_negative"]
-    click.echo(ledger[columns].head(show).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    shown = ledger[columns].head(show).copy()
+    shown[key] = [displayable(str(v), one_line=True) for v in shown[key]]  # ids and field values come from data
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if len(ledger) > show:
         click.echo(f"... and {len(ledger) - show} more")
     stem = Path(out) / ledger_name(by)

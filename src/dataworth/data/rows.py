@@ -10,10 +10,11 @@ kind                fields                                                     l
 ==================  =========================================================  ==============================
 ``messages``        ``messages``: list of ``{role, content}``, roles           assistant content + its
                     system/user/assistant, ≥ 1 assistant turn with content      end-of-turn token
-``prompt_response`` ``prompt`` + ``response`` (strings). Aliases: response may  response tokens + eos /
-                    be ``completion`` or ``output``; prompt may be             end-of-turn token
-                    ``instruction`` (+ optional ``input``, joined as
-                    ``instruction + "\\n\\n" + input``, the Alpaca convention)
+``prompt_response`` ``prompt`` + ``response`` (strings; the response not       response tokens + eos /
+                    blank). Aliases: response may be ``completion`` or         end-of-turn token
+                    ``output``; prompt may be ``instruction`` (+ optional
+                    ``input``, joined as ``instruction + "\\n\\n" + input``,
+                    the Alpaca convention)
 ``text``            ``text`` (string)                                          every token after position 0
 ==================  =========================================================  ==============================
 
@@ -135,16 +136,28 @@ def _string_field(data: Mapping, key: str) -> str:
     return value
 
 
+def _absent(data: Mapping, keys: Sequence[str]) -> str:
+    """How the field ``keys[0]`` (or an alias) is absent: ``missing``, or ``is null`` when the row holds it as null."""
+    held = next((k for k in keys if k in data), None)
+    return f"field '{held}' is null, expected a string" if held else f"field '{keys[0]}' missing"
+
+
 def _resolve_prompt_response(data: Mapping) -> tuple[str, str]:
-    """``(prompt, response)`` of a prompt/response row, resolving aliases (see module docstring)."""
+    """``(prompt, response)`` of a prompt/response row, resolving aliases (see module docstring).
+
+    An empty or whitespace-only response is refused, as an assistant turn without content is: the loss
+    would measure the end-of-sequence token alone and the row would be scored as if it said something."""
     prompt_key = _one_key(data, PROMPT_KEYS)
     response_key = _one_key(data, RESPONSE_KEYS)
     if prompt_key is None:
-        raise _RowProblem(f"field 'prompt' missing (the row has '{response_key}')")
+        raise _RowProblem(f"{_absent(data, PROMPT_KEYS)} (the row has '{response_key}')")
     if response_key is None:
-        raise _RowProblem(f"field 'response' missing (the row has '{prompt_key}')")
+        raise _RowProblem(f"{_absent(data, RESPONSE_KEYS)} (the row has '{prompt_key}')")
     prompt = _string_field(data, prompt_key)
     response = _string_field(data, response_key)
+    if not response.strip():
+        raise _RowProblem(f"field '{response_key}' is empty (nothing to measure: the loss would be the "
+                          "end-of-sequence token alone)")
     if prompt_key == "instruction" and _present(data, "input"):
         extra = _string_field(data, "input")
         if extra:
@@ -186,7 +199,11 @@ def _classify(data: Any) -> Kind:
         return "text"
     response_key = _one_key(data, RESPONSE_KEYS)
     if response_key is not None:
-        raise _RowProblem(f"field 'prompt' missing (the row has '{response_key}')")
+        raise _RowProblem(f"{_absent(data, PROMPT_KEYS)} (the row has '{response_key}')")
+    nulls = [k for k in ("text", "messages", *PROMPT_KEYS) if k in data]  # present, but null (else handled above)
+    if nulls:
+        raise _RowProblem(f"field '{nulls[0]}' is null (a row needs a string 'text', 'prompt'+'response' "
+                          "or a 'messages' array)")
     keys = ", ".join(repr(k) for k in list(data)[:8]) or "none"
     raise _RowProblem(f"no 'text', 'prompt'+'response' or 'messages' field (fields: {keys})")
 
@@ -314,27 +331,44 @@ def _read_parquet(path: Path, shown: str) -> Iterator[_Record]:
 _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}
 
 
-def _data_files(root: Path) -> list[Path]:
-    """Data files below ``root`` (hidden files and folders skipped), sorted by relative POSIX path."""
-    found = []
+def _data_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """``(data files, other files)`` below ``root``, each sorted by relative POSIX path; hidden files and
+    folders (``.git``, ``.DS_Store``) are in neither."""
+    found, other = [], []
     for path in root.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-        if path.suffix.lower() in DATA_SUFFIXES and path.is_file() and not hidden:
-            found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        if any(part.startswith(".") for part in path.relative_to(root).parts) or not path.is_file():
+            continue
+        (found if path.suffix.lower() in DATA_SUFFIXES else other).append(path)
+    return tuple(sorted(paths, key=lambda p: p.relative_to(root).as_posix()) for paths in (found, other))
+
+
+def _listing(root: Path, paths: Sequence[Path], shown: int = 5) -> str:
+    """The first ``shown`` paths relative to ``root``, and how many more: ``a.csv, b/c.txt and 3 more``."""
+    names = ", ".join(p.relative_to(root).as_posix() for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def _note_skipped_files(spec: str, root: Path, skipped: Sequence[Path]) -> None:
+    """Say on stderr which files of a data directory were not read: a file of rows in another format
+    (``.csv``, ``.txt``, ``.jsonl.gz``) must never be left out silently."""
+    if skipped:
+        logger.warning("%s: skipped %d file(s) of unsupported type (read: .jsonl, .ndjson, .json, .parquet): %s",
+                       spec, len(skipped), _listing(root, skipped))
 
 
 def _path_records(spec: str) -> Iterator[_Record]:
     path = Path(spec)
     if path.is_dir():
-        files = _data_files(path)
+        files, skipped = _data_files(path)
         if not files:
             hint = ""
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
                 hint = f"; it looks like a datasets.save_to_disk folder: use hf:{spec}"
-            raise InputError(f"{spec}: directory holds no .jsonl/.ndjson/.json/.parquet files{hint}")
+            found = f" (it holds {_listing(path, skipped)})" if skipped else ""
+            raise InputError(f"{spec}: directory holds no .jsonl/.ndjson/.json/.parquet files{found}{hint}")
         if any(f.name in ("dataset_info.json", "dataset_dict.json", "state.json") for f in files):
             raise InputError(f"{spec}: looks like a datasets.save_to_disk folder; use hf:{spec}")
+        _note_skipped_files(spec, path, skipped)
         for file in files:
             yield from _READERS[DATA_SUFFIXES[file.suffix.lower()]](file, str(file))
         return

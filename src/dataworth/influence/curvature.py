@@ -66,7 +66,12 @@ from dataworth.distributed import (
 from dataworth.errors import InputError
 from dataworth.store.format import KFAC_FILE
 from dataworth.store.reader import PREFETCH_OVERHEAD_BYTES, open_store
-from dataworth.util import acquire_directory_lock, release_directory_lock, say
+from dataworth.util import (
+    acquire_directory_lock,
+    finite_number,
+    release_directory_lock,
+    say,
+)
 
 CURVATURE_KINDS = ("none", "raw", "kfac", "ekfac")
 
@@ -392,6 +397,15 @@ def _row_blocks(store, block_rows: int, ctx: DistContext = SINGLE) -> Iterator[n
         yield block  # valid until the next one: every consumer folds it into sums first
 
 
+def check_memory_budget(memory_budget_mb: float) -> float:
+    """``--memory-budget`` as a finite number of MiB > 0 (NaN or inf cannot size a block; both were a
+    ``cannot convert float NaN to integer`` traceback)."""
+    budget = finite_number(memory_budget_mb, "--memory-budget")
+    if budget <= 0:
+        raise InputError(f"--memory-budget: must be > 0 MiB, got {memory_budget_mb}")
+    return budget
+
+
 def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:
     """Rows per block so that one block's buffers fit in ``memory_budget_mb`` MiB while fitting ``kind``.
 
@@ -409,7 +423,7 @@ def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:
         fixed += 3 * 8 * sum(m.size * m.size for m in store.modules)
     elif kind == "ekfac":
         fixed += 3 * 8 * sum(m.size + m.k_out * m.k_out + m.k_in * m.k_in for m in store.modules)
-    rows = int((float(memory_budget_mb) * 2**20 - fixed) // per_row)
+    rows = int((check_memory_budget(memory_budget_mb) * 2**20 - fixed) // per_row)
     if rows < 1:
         raise InputError(f"--memory-budget {memory_budget_mb} MiB is too small to fit {kind} on rows of "
                          f"{store.dim} columns; at least {(fixed + per_row) / 2**20:.3f} MiB is needed")

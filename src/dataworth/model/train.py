@@ -50,6 +50,7 @@ from dataworth.model.optimizer import (
     save_optimizer_state,
 )
 from dataworth.util import (
+    finite_number,
     pad_token_id,
     progress_bar,
     redraw_interval,
@@ -167,13 +168,21 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        self._check_finite()
         checks = [
             (self.arch in ("llama", "gpt_neox"), "arch", f"must be llama or gpt_neox, got {self.arch!r}"),
             (self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}"),
             (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
+            (self.lr <= _FLOAT32_MAX, "lr", f"must be at most {_FLOAT32_MAX:.4g} (the weights are float32), "
+                                            f"got {self.lr}"),
             (self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}"),
+            (all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}"),
+            (self.eps > 0, "eps", f"must be > 0, got {self.eps}"),
+            (self.grad_clip is None or self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}"),
+            (0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"),
             (self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}"),
             (self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads"),
             (self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads"),
@@ -183,7 +192,16 @@ class TrainConfig:
         ]
         for ok, name, message in checks:
             if not ok:
-                raise InputError(f"train config field '{name}': {message}")
+                raise InputError(f"{_field_name(name)}: {message}")
+
+    def _check_finite(self) -> None:
+        """Every float hyper-parameter must be finite: ``inf > 0`` passes the range checks below, and an
+        infinite learning rate trains on NaN loss into a model whose every weight is NaN."""
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            for item in value if isinstance(value, tuple) else (value,):
+                if item is not None:
+                    finite_number(item, _field_name(name))
 
     @classmethod
     def from_preset(cls, name: str = "tiny", **overrides: Any) -> "TrainConfig":
@@ -198,6 +216,19 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # a larger lr cannot even be applied (torch raises)
+# Float hyper-parameters (``_check_finite``), and the ``dataworth train`` flag of the fields that have one.
+_FLOAT_FIELDS = ("lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas", "eps", "grad_clip", "lora_dropout")
+_FIELD_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed",
+                "max_length": "--max-length", "base": "--base", "lora": "--lora"}
+
+
+def _field_name(name: str) -> str:
+    """``train config field 'lr' (--lr)``: the field, and the flag that sets it when there is one."""
+    flag = _FIELD_FLAGS.get(name)
+    return f"train config field '{name}'" + (f" ({flag})" if flag else "")
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -387,19 +418,24 @@ def train(data_spec: str, out_dir: str | Path, config: TrainConfig = PRESETS["ti
     encoded, report = encode_rows(rows, tokenizer, max_length=config.max_length, chat=config.chat)
     queries = _resolve_queries(data_spec, queries_spec)
     accuracy = None
-    with torch_threads(config.threads):
-        run = _run_training(model, encoded, pad_token_id(tokenizer), config, device, out, tokenizer, progress)
-        if queries:
-            accuracy = fact_accuracy(model, tokenizer, queries, chat=config.chat)
-
-    fingerprint = _save_final(model, tokenizer, out, config, base_spec, {
-        "data": data_spec, "config": config.to_json(), "base": base_spec,
-        "rows": report.rows, "tokens_per_epoch": report.tokens, "truncated": report.truncated,
-        "no_targets": report.no_targets, "epochs": run["epochs"], "steps": run["steps"],
-        "seconds": run["seconds"], "tokens_per_second": run["tokens_per_second"],
-        "queries": None if not queries else (queries_spec if queries_spec != "auto" else _auto_queries(data_spec)),
-        "fact_accuracy": accuracy,
-    })
+    staging = out.with_name(out.name + _TMP_SUFFIX)
+    staging.mkdir(parents=True)  # now, so an unwritable --out fails before training, not after
+    try:
+        with torch_threads(config.threads):
+            run = _run_training(model, encoded, pad_token_id(tokenizer), config, device, out, tokenizer, progress)
+            if queries:
+                accuracy = fact_accuracy(model, tokenizer, queries, chat=config.chat)
+        fingerprint = _save_final(model, tokenizer, out, config, base_spec, {
+            "data": data_spec, "config": config.to_json(), "base": base_spec,
+            "rows": report.rows, "tokens_per_epoch": report.tokens, "truncated": report.truncated,
+            "no_targets": report.no_targets, "epochs": run["epochs"], "steps": run["steps"],
+            "seconds": run["seconds"], "tokens_per_second": run["tokens_per_second"],
+            "queries": None if not queries else (queries_spec if queries_spec != "auto" else _auto_queries(data_spec)),
+            "fact_accuracy": accuracy,
+        })
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-saved: ``out`` is as it was
+        raise
     return TrainResult(
         out_dir=out, config=config,
         epoch_losses=tuple(e["loss"] for e in run["epochs"]), epoch_lrs=tuple(e["avg_lr"] for e in run["epochs"]),
@@ -433,7 +469,8 @@ def train_epochs(model, encoded: Sequence[Encoded], pad_id: int, config: TrainCo
 
     ``on_step(epoch, batch, loss)`` runs after every optimizer step; ``on_epoch(record, lrs, optimizer)``
     after every epoch. Returns the optimizer and the epoch records ``{"epoch", "step", "loss", "avg_lr"}``
-    (``loss``: mean token loss over the epoch); the model is left in eval mode.
+    (``loss``: mean token loss over the epoch); the model is left in eval mode. A non-finite batch loss
+    stops training with an ``InputError`` naming the epoch and step.
     """
     optimizer, _ = make_optimizer(model, config)
     total_steps = math.ceil(len(encoded) / config.batch_size) * config.epochs
@@ -461,7 +498,9 @@ def train_epochs(model, encoded: Sequence[Encoded], pad_id: int, config: TrainCo
             optimizer.step()
             step += 1
             lrs.append(lr)
-            loss_sum += float(per_token.detach().sum())
+            batch_loss = float(per_token.detach().sum())  # the one GPU sync of a step, read for the epoch mean
+            _stop_unless_finite(batch_loss, epoch, step, lr)
+            loss_sum += batch_loss
             target_sum += n_targets
             if on_step is not None:
                 on_step(epoch, batch, loss)
@@ -471,6 +510,26 @@ def train_epochs(model, encoded: Sequence[Encoded], pad_id: int, config: TrainCo
             on_epoch(record, lrs, optimizer)
     model.eval()
     return optimizer, epochs
+
+
+def _stop_unless_finite(loss: float, epoch: int, step: int, lr: float) -> None:
+    """Stop at the first non-finite loss: every later step would train on NaN and the saved model would be
+    NaN throughout, with nothing to say so (weights broken by the very last step are caught before saving)."""
+    if not math.isfinite(loss):
+        raise InputError(f"training stopped: the loss became {loss} at epoch {epoch}, optimizer step {step} "
+                         f"(lr {lr:.3g}); lower --lr, or check the data")
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or ±inf (none in a model fit to save)."""
+    return [name for name, param in model.named_parameters() if not bool(torch.isfinite(param).all())]
+
+
+def _check_weights(model: torch.nn.Module, when: str) -> None:
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise InputError(f"training stopped {when}: {len(bad)} weight tensor(s) hold NaN or inf "
+                         f"({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}); lower --lr")
 
 
 def _run_training(model, encoded: list[Encoded], pad_id: int, config: TrainConfig, device: torch.device,
@@ -497,12 +556,15 @@ def _run_training(model, encoded: list[Encoded], pad_id: int, config: TrainConfi
 
     def on_epoch(record: dict, lrs: list, optimizer) -> None:
         if config.save_every_epoch or config.lora or record["epoch"] == config.epochs:
+            _check_weights(model, f"after epoch {record['epoch']}")
             ckpt = out.with_name(out.name + _TMP_SUFFIX) / "checkpoints" / f"epoch-{record['epoch']}"
             _save_checkpoint(model, tokenizer, optimizer, ckpt, {**record, "lrs": lrs, "schedule": schedule})
             checkpoints.append(out / "checkpoints" / f"epoch-{record['epoch']}")
 
-    _optimizer, epochs = train_epochs(model, encoded, pad_id, config, device, on_step=on_step, on_epoch=on_epoch)
-    bar.close()
+    try:
+        _optimizer, epochs = train_epochs(model, encoded, pad_id, config, device, on_step=on_step, on_epoch=on_epoch)
+    finally:
+        bar.close()  # also when training stops, so the error starts a line of its own
     seconds = time.perf_counter() - started
     return {"epochs": epochs, "steps": epochs[-1]["step"] if epochs else 0, "tokens": seen["tokens"],
             "seconds": seconds, "tokens_per_second": seen["tokens"] / max(seconds, 1e-9), "checkpoints": checkpoints}
@@ -528,6 +590,7 @@ def _save_final(model, tokenizer, out: Path, config: TrainConfig, base_spec: str
     ``out`` is a normal HF directory (``AutoModelForCausalLM.from_pretrained(out)`` works) whatever the base
     spec was. Without: ``out`` is the adapter (``model.load.load_model(out)`` rebuilds base + adapter).
     """
+    _check_weights(model, "before saving")
     staging = out.with_name(out.name + _TMP_SUFFIX)
     staging.mkdir(parents=True, exist_ok=True)
     if config.lora and config.merge_lora:

@@ -1,9 +1,10 @@
 """The report's pure rendering: escaping, token colours, the self-contained HTML page and the Markdown file.
 
 Safety: every string that comes from data (texts, ids, field values, file names) goes through
-``html.escape`` (after `displayable`) before it reaches the page; the page carries a Content-Security-Policy
-that allows only its own script (by hash), inline styles and ``data:`` images, so even a missed escape could
-not run code or fetch anything. No data reaches the script: search works on the page's text.
+``dataworth.util.displayable`` (controls, bidi overrides and other invisible characters become visible escapes,
+as in the terminal) and then ``html.escape`` before it reaches the page; the page carries a
+Content-Security-Policy that allows only its own script (by hash), inline styles and ``data:`` images, so even
+a missed escape could not run code or fetch anything. No data reaches the script: search works on the page's text.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from dataworth.util import displayable
 
 DEFAULT_MAX_DISPLAY_TOKENS = 1500
 DEFAULT_MAX_TEXT_CHARS = 20_000
@@ -41,8 +44,6 @@ class ReportConfig:
 POSITIVE_RGB = (37, 99, 235)  # blue: the document helps the query
 NEGATIVE_RGB = (234, 88, 12)  # orange: the document hurts the query
 MAX_ALPHA = 0.75
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass
@@ -71,13 +72,6 @@ class QueryView:
     documents: dict[tuple[str, int], ShownDocument] = field(default_factory=dict)
     plot: bytes | None = None
     row: object = None  # the query's dataworth.data.rows.Row
-
-
-def displayable(text: str) -> str:
-    """``text`` made safe to encode and show: lone surrogates → U+FFFD, control characters other than tab and
-    newline → a visible ``\\xNN``. (Not HTML escaping: that is :func:`esc`.)"""
-    text = _SURROGATE.sub("\ufffd", text)
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def esc(value) -> str:
