@@ -401,6 +401,7 @@ def methods(arch: str) -> list[P.Method]:
         P.Method("dataworth defaults (4-checkpoint ensemble)", dw, ("--defaults", "--checkpoints", "ensemble"),
                  peer=False),
         P.Method("dataworth exact ekfac", dw, exact, peer=False),
+        P.Method("dataworth exact ekfac (4-checkpoint ensemble)", dw, (*exact, "--checkpoints", "ensemble"), peer=False),
         P.Method("dataworth exact ekfac (damping 1e-8)", dw, (*exact, "--damping", "1e-8"), peer=False),
         P.Method("dataworth exact ekfac (damping 0.1x)", dw, (*exact, "--damping", "0.1x"), peer=False),
         P.Method("dataworth exact ekfac (end token)", dw, (*exact, "--measure-end-token"), peer=False),
@@ -423,7 +424,7 @@ def methods(arch: str) -> list[P.Method]:
 
 
 # Run only when named in --methods (or with --slow): minutes of CPU or ~10 GB each on these models.
-SLOW = {"dataworth random-64 raw", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
+SLOW = {"dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
         "dataworth exact ekfac (end token)", "dataworth exact ekfac (mlp)", "dataworth exact ekfac (float16 rows)",
         "kronfluence-ekfac (empirical Fisher)", "kronfluence-ekfac (damping 0.1x)"}
 

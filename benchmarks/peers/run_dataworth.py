@@ -97,7 +97,7 @@ def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list)
         store = extract(ExtractConfig(model=str(model_dir), data=args.train, out=str(store_dir), modules=args.modules,
                                       projection=args.projection, rank_in=args.rank or 1, rank_out=args.rank or 1,
                                       dtype=args.dtype, device="cpu", max_length=args.max_length,
-                                      batch_size=args.batch_size, shard_rows=4096),
+                                      batch_size=args.batch_size, shard_rows=256),
                         model=task.model, tokenizer=task.tokenizer, encoded=task.train, progress=False)
         curvature = None if method.optimizer == "adam" else fit(store_dir, args.curvature, args.damping)
     with clock("score"):

@@ -748,9 +748,13 @@ def _print_plan(encoded, dim: int, config: ExtractConfig, n_shards: int, done: i
     longest = max(len(e.input_ids) for e in encoded)
     batch = config.token_budget or (config.batch_size or 8) * longest
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-    peak = params * 4 + batch * vocab * 4 * 3 + (config.batch_size or 8) * dim * 4
+    # A shard's rows are held in float32 until written (plus their converted copy in a smaller dtype): with
+    # exact gradients this buffer, not the model, is the peak (1000 rows × 393k dims = 1.5 GiB).
+    shard_buffer = min(rows, config.shard_rows) * dim * (4 + (itemsize if itemsize < 4 else 0))
+    peak = params * 4 + batch * vocab * 4 * 3 + (config.batch_size or 8) * dim * 4 + shard_buffer
     say(f"plan: {rows} rows, {tokens} tokens, {dim} dims/row ({config.dtype}), store {human_bytes(size)} in "
-         f"{n_shards} shards ({done} already done), est. peak memory {human_bytes(peak)}")
+         f"{n_shards} shards ({done} already done), est. peak memory {human_bytes(peak)} "
+         f"(of which {human_bytes(shard_buffer)} is one shard's rows: --shard-rows lowers it)")
 
 
 def _progress(enabled: bool):

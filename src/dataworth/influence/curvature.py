@@ -78,7 +78,11 @@ CURVATURE_KINDS = ("none", "raw", "kfac", "ekfac")
 # EKFAC by default: it scales to any module size (raw needs D_m² floats per module) and is the better fit.
 DEFAULT_CURVATURE = "ekfac"
 CURVATURE_FORMAT_VERSION = 1
-AUTO_DAMPING_FRACTION = 0.1
+# auto = 1e-4 × each module's mean eigenvalue. Measured (README "Real text"): on stdlib docstrings × GPT-2 the
+# LDS of LoGra-64 EK-FAC rises 0.201 → 0.243 from 0.1× to 1e-4× (exact EK-FAC 0.260 → 0.289), and on
+# builtin:bios the demo's EK-FAC recall@10 0.929 → 0.996 (MRR 0.755 → 0.870). Smaller is no better: a
+# training row has no component in the curvature's null space, so a vanishing λ only removes the bias.
+AUTO_DAMPING_FRACTION = 1e-4
 ZERO_CURVATURE_DAMPING = 1.0
 
 # A raw Fisher block is D_m × D_m float64: 8192² × 8 B = 512 MiB. Beyond that use kfac/ekfac.

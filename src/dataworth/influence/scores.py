@@ -271,6 +271,12 @@ class Scores:
         try:
             self._write_run(staging, out)
             swap_directory(staging, out)
+        except OSError as exc:  # name the file where the user asked for it, not its staging twin
+            shutil.rmtree(staging, ignore_errors=True)
+            name = str(exc.filename or "")
+            if name.startswith(str(staging)):
+                raise OSError(exc.errno, exc.strerror, str(out) + name[len(str(staging)):]) from exc
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
