@@ -6,7 +6,12 @@ cores. Attention is "eager" so that per-example results do not depend on batch c
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -116,3 +121,35 @@ def write_test_store(path, rows, modules, header, *, shard_rows=7, dtype="float3
             tensors[f"{name}.A"] = torch.as_tensor(a, dtype=torch.float64)
         writer.save_tensors(KFAC_FACTORS, tensors, metadata={"n_rows": str(len(rows)), "n_tokens": "0"})
     return writer.finalize()
+
+
+_HOLD_LOCK = r"""
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".dataworth.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\n".encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(directory):
+    """Another process holding ``directory``'s writer lock (a plain flock on ``.dataworth.lock`` with its
+    pid), as a second dataworth writer would; yields that process's pid."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(directory)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def load_benchmark(name: str, path: Path):
+    """A benchmark script imported as module ``name`` (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = _load("benchmarks_peers", ROOT / "benchmarks" / "peers.py")
+peers = load_benchmark("benchmarks_peers", ROOT / "benchmarks" / "peers.py")
 
 
 def test_ratio_is_ours_over_theirs_and_missing_when_undefined():

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 from hypothesis import given
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-realtext = _load("benchmarks_realtext_lds", ROOT / "benchmarks" / "realtext_lds.py")
+realtext = load_benchmark("benchmarks_realtext_lds", ROOT / "benchmarks" / "realtext_lds.py")
 
 
 def test_dpkg_descriptions_are_the_paragraphs_of_each_long_description(tmp_path):

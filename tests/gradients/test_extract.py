@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import build_gpt2, build_llama, build_neox
+from conftest import build_gpt2, build_llama, build_neox, lock_held_by_another_process
 from torch.func import functional_call, grad
 
 from dataworth.data.batching import Encoded, collate, example_losses
@@ -324,14 +324,6 @@ def test_query_measurement_leaves_out_the_appended_end_token(tiny_tokenizer):
     assert without_end_token(only_eos, tiny_tokenizer).loss_mask == [0, 0, 1]
 
 
-HOLD_LOCK = r"""
-import fcntl, os, sys, time
-fd = os.open(os.path.join(sys.argv[1], ".dataworth.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)
-os.write(fd, f"{os.getpid()}\n".encode())
-print("locked", flush=True)
-time.sleep(120)
-"""
 
 
 def test_a_second_extract_on_a_store_being_written_is_refused_and_touches_nothing(model_dir, tmp_path):
@@ -345,19 +337,14 @@ def test_a_second_extract_on_a_store_being_written_is_refused_and_touches_nothin
     out = tmp_path / "s"
     extract(_config(model_dir, out), progress=False, stop_after_shards=2)  # a partial store, as if still running
     before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(out) as pid:
         args = ["extract", "--model", str(model_dir / "model"), "--data", str(model_dir / "data.jsonl"), "--out",
                 str(out), "--rank", "2", "--modules", "mlp", "--device", "cpu", "--overwrite"]
         res = CliRunner().invoke(cli, args)
-        assert res.exit_code == 2 and f"pid {holder.pid}" in res.output, res.output
+        assert res.exit_code == 2 and f"pid {pid}" in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
         after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-        assert after == {**before, ".dataworth.lock": f"{holder.pid}\n".encode()}
-    finally:
-        holder.kill()
-        holder.wait()
+        assert after == {**before, ".dataworth.lock": f"{pid}\n".encode()}
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert not (out / ".dataworth.lock").exists() and open_store(out).rows == 23

@@ -11,14 +11,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_test_store
+from conftest import lock_held_by_another_process, write_test_store
 
 import dataworth.util as util
 from dataworth.errors import InputError
@@ -144,24 +142,13 @@ def test_every_file_of_a_store_gets_the_permissions_open_gives(fitted):
 # One writer at a time
 
 
-HOLD = r"""
-import fcntl, os, sys, time
-fd = os.open(os.path.join(sys.argv[1], ".dataworth.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)
-os.write(fd, f"{os.getpid()}\n".encode())
-print("locked", flush=True)
-time.sleep(120)
-"""
 
 
 @pytest.fixture
 def held(fitted):
-    """Another process holding the store's writer lock (a plain flock on ``.dataworth.lock`` with its pid)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(fitted)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    yield fitted, proc.pid
-    proc.kill()
-    proc.wait()
+    """Another process holding the store's writer lock."""
+    with lock_held_by_another_process(fitted) as pid:
+        yield fitted, pid
 
 
 def test_a_second_writer_is_refused_naming_the_first_writers_pid(held):
