@@ -56,8 +56,10 @@ def mean_final_hidden_states(model: torch.nn.Module, encoded: Sequence[Encoded],
 def representation_similarity(model: torch.nn.Module, train: Sequence[Encoded], queries: Sequence[Encoded],
                               pad_id: int, batch_size: int = 32) -> np.ndarray:
     """``[Q, N]`` float64 cosine similarity of mean final hidden states (a zero vector scores 0)."""
-    def unit(rows: np.ndarray) -> np.ndarray:
-        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
-
-    return unit(mean_final_hidden_states(model, queries, pad_id, batch_size)) @ unit(
+    return unit_rows(mean_final_hidden_states(model, queries, pad_id, batch_size)) @ unit_rows(
         mean_final_hidden_states(model, train, pad_id, batch_size)).T
+
+
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero): the cosine's normalisation."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dataworth.errors import InputError
+from dataworth.evaluation.baselines import unit_rows
 from dataworth.evaluation.retrain import LdsTask
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.gradients.projection import dense_project
@@ -179,7 +180,7 @@ def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: Att
     train = adam_normalise(store.matrix(), store, second_moments, eps)
     query = adam_normalise(query_rows, store, second_moments, eps)
     if method.rank == 0:  # no projection and R = I: the cosine of the Adam-normalised exact gradients
-        return _unit(query.astype(np.float64)) @ _unit(train.astype(np.float64)).T
+        return unit_rows(query.astype(np.float64)) @ unit_rows(train.astype(np.float64)).T
     both = torch.from_numpy(np.concatenate([train, query]))
     projected = dense_project(both, store.manifest["projection"]["seed"], method.rank).double().numpy()
     train_p, query_p = projected[: len(train)], projected[len(train):]
@@ -190,9 +191,4 @@ def trackstar_scores(store, query_rows: np.ndarray, model_dir: Path, method: Att
     damping = resolve_damping(spec if not spec.is_auto else DampingSpec(fraction=TRACKSTAR_DAMPING_FRACTION),
                               float(values.mean()))
     whiten = (vectors / np.sqrt(values + damping)) @ vectors.T  # R^{-1/2}
-    return _unit(query_p @ whiten) @ _unit(train_p @ whiten).T
-
-
-def _unit(rows: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (a zero row stays zero)."""
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+    return unit_rows(query_p @ whiten) @ unit_rows(train_p @ whiten).T

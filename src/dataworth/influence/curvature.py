@@ -30,8 +30,9 @@ Per module ``m`` (``N`` store rows ``ĝ_n``, ``D_m = k_out · k_in``):
 
 Damping ``λ > 0`` is per module: an explicit float (the same for every module), a fraction ``f`` of the mean
 eigenvalue of that module's curvature (``--damping 1e-3x``), or ``auto`` = ``AUTO_DAMPING_FRACTION ×`` that
-mean (``mean(e)`` for raw, ``mean(e_S)·mean(e_A)`` for kfac, ``mean(Λ)`` for ekfac). A module whose curvature is exactly zero (all its gradients are zero) gets ``λ = 1``
-under a relative damping — any positive value gives the same influence there, because its training rows are zero.
+mean (``mean(e)`` for raw, ``mean(e_S)·mean(e_A)`` for kfac, ``mean(Λ)`` for ekfac). A module whose curvature
+is exactly zero (all its gradients are zero) gets ``λ = 1`` under a relative damping — any positive value
+gives the same influence there, because its training rows are zero.
 The value used for each module is recorded in the saved file and in ``Curvature.damping``.
 
 Saved as ``curvature/{kind}.safetensors`` in the store: float64 tensors per module (``{m}.eigvecs``,
@@ -80,8 +81,9 @@ DEFAULT_CURVATURE = "ekfac"
 CURVATURE_FORMAT_VERSION = 1
 # auto = 1e-4 × each module's mean eigenvalue. Measured (README "Real text"): on stdlib docstrings × GPT-2 the
 # LDS of LoGra-64 EK-FAC rises 0.201 → 0.243 from 0.1× to 1e-4× (exact EK-FAC 0.260 → 0.289), and on
-# builtin:bios the demo's EK-FAC recall@10 0.929 → 0.996 (MRR 0.755 → 0.870). Smaller is no better: a
-# training row has no component in the curvature's null space, so a vanishing λ only removes the bias.
+# builtin:bios the demo's EK-FAC recall@10 0.929 → 0.996 (MRR 0.755 → 0.870). A tiny absolute λ (1e-8) is no
+# better for LoGra-64 (0.242) and a little better for exact gradients (0.297): a training row has no component
+# in the null space of the curvature fitted on it, so λ → 0 is safe; a relative λ keeps each module's scale.
 AUTO_DAMPING_FRACTION = 1e-4
 ZERO_CURVATURE_DAMPING = 1.0
 
