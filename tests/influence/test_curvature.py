@@ -134,6 +134,33 @@ def test_raw_preconditioning_equals_explicit_inverse_of_per_example_fisher(tiny_
     assert loaded.damping == {"l1": 0.05, "l2": 0.05}
 
 
+def test_raw_with_fewer_rows_than_columns_is_fitted_thin_and_equals_the_explicit_inverse(tmp_path):
+    # 5 rows, modules of 12 and 6 columns: F has rank <= 5, so the thin SVD form is used for both modules
+    rng = np.random.default_rng(3)
+    modules = modules_layout([("a", 3, 4), ("b", 2, 3)])
+    rows = rng.normal(size=(5, 18)).astype(np.float32)
+    store = write_store(tmp_path / "store", rows, modules, shard_rows=2)
+    assert C.thin_raw_modules(store) == {"a", "b"}
+    for damping in (0.05, "auto"):
+        fitted = C.fit(store.path, "raw", damping)
+        assert all(m.thin and m.eigvecs.shape == (m.size, 5) for m in fitted.modules)
+        blocks = {m.name: explicit_fisher(rows, m) for m in modules}
+        # auto damping: the mean over all D_m eigenvalues (zeros included) = trace(F) / D_m, as the full fit has
+        expected_damping = {m.name: 0.05 if damping == 0.05 else C.AUTO_DAMPING_FRACTION * np.trace(blocks[m.name])
+                            / m.size for m in modules}
+        np.testing.assert_allclose([fitted.damping[m.name] for m in modules],
+                                   [expected_damping[m.name] for m in modules], rtol=1e-10)
+        q = queries_for(store.dim)
+        expected = explicit_precondition(q, blocks, fitted.damping, modules)
+        np.testing.assert_allclose(fitted.precondition64(q), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+        np.testing.assert_allclose(C.precondition_reference(fitted, q), expected, rtol=1e-6,
+                                   atol=1e-9 * np.abs(expected).max())
+        self_expected = np.einsum("qd,qd->q", q.astype(np.float64), expected)
+        np.testing.assert_allclose(fitted.self_inner(q), self_expected, rtol=1e-6)
+        loaded = C.load_curvature(store, "raw")
+        np.testing.assert_array_equal(loaded.precondition64(q), fitted.precondition64(q))
+
+
 def test_kfac_equals_explicit_kronecker_inverse_with_s_outer(tiny_store, tiny_gradients):
     _, modules, kfac = tiny_gradients
     q = queries_for(tiny_store.dim)

@@ -17,7 +17,13 @@ Per module ``m`` (``N`` store rows ``ĝ_n``, ``D_m = k_out · k_in``):
   TracIn at one checkpoint). The damping argument is validated but not used.
 - ``raw``   — ``F = (1/N) Σ_n vec(Ĝ_n) vec(Ĝ_n)ᵀ`` (``D_m × D_m``), the exact empirical Fisher of the
   projected gradients, accumulated in float64 over store blocks and eigendecomposed in float64:
-  ``F = V diag(e) Vᵀ`` → ``(F + λI)⁻¹ g = V [(Vᵀ g) ⊘ (e + λ)]``.
+  ``F = V diag(e) Vᵀ`` → ``(F + λI)⁻¹ g = V [(Vᵀ g) ⊘ (e + λ)]``. When the store has fewer rows than the
+  module has columns (``N < D_m``, a LoGra-64 block is 4096 wide), ``F`` has rank ≤ N and is fitted *thin*
+  instead: the SVD ``G = U diag(σ) Vᵀ`` of the module's ``[N, D_m]`` rows gives ``V`` (``D_m × N``) and
+  ``e = σ²/N``; the other ``D_m − N`` eigenvalues are exactly 0, so
+  ``(F + λI)⁻¹ g = V [(Vᵀ g) ⊘ (e + λ)] + (g − V Vᵀ g) / λ`` — the same operator in ``N·D_m`` floats
+  instead of ``D_m²`` (90 SmolLM2 MLP blocks at rank 64: 12 GB of float64 Fisher blocks → the rows
+  themselves). Single process only (distributed ranks hold only their rows: the full form is used).
 - ``kfac``  — ``F ≈ S ⊗ A`` with ``A = (1/T) Σ_tokens a aᵀ`` (``a = P_in x_t``, ``k_in × k_in``) and
   ``S = (1/N) Σ_n Σ_t s sᵀ`` (``s = P_out δ_t``, ``k_out × k_out``), written by extraction to
   ``curvature/kfac_factors.safetensors``. With ``S = Q_S diag(e_S) Q_Sᵀ``, ``A = Q_A diag(e_A) Q_Aᵀ``:
@@ -188,7 +194,17 @@ class ModuleCurvature:
 
     @property
     def mean_eigenvalue(self) -> float:
-        return 0.0 if self.eigvals is None else float(np.mean(self.eigvals))
+        """Mean over all ``D_m`` eigenvalues (a thin raw basis leaves out exact zeros, so: sum / D_m)."""
+        if self.eigvals is None:
+            return 0.0
+        if self.eigvecs is not None:
+            return float(np.sum(self.eigvals)) / self.size
+        return float(np.mean(self.eigvals))
+
+    @property
+    def thin(self) -> bool:
+        """A raw basis of fewer than ``D_m`` eigenvectors (the rest have eigenvalue exactly 0)."""
+        return self.eigvecs is not None and self.eigvecs.shape[1] < self.size
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,6 +256,8 @@ class Curvature:
             if self.kind == "raw":
                 coeffs = g @ m.eigvecs
                 total += (coeffs * coeffs / (m.eigvals + m.damping)).sum(axis=1)
+                if m.thin:  # the null space of F: eigenvalue 0, so 1/λ times the part of g outside V
+                    total += np.maximum((g * g).sum(axis=1) - (coeffs * coeffs).sum(axis=1), 0.0) / m.damping
             else:
                 rotated = m.q_s.T @ as_matrices(g, m) @ m.q_a
                 total += (rotated * rotated / (m.eigvals + m.damping)).sum(axis=(1, 2))
@@ -303,11 +321,15 @@ def _check_rows(rows: np.ndarray, dim: int) -> np.ndarray:
 def precondition_module(kind: str, m: ModuleCurvature, g: np.ndarray) -> np.ndarray:
     """``(F_m + λ I)⁻¹`` applied to ``g`` (``[Q, D_m]`` float64) in the module's eigenbasis.
 
-    raw: ``V [(Vᵀ g) ⊘ (e + λ)]``; kfac/ekfac: ``Q_S [(Q_Sᵀ G Q_A) ⊘ (eigvals + λ)] Q_Aᵀ`` with
-    ``G = g.reshape(Q, k_out, k_in)`` (row-major, matching the store layout).
+    raw: ``V [(Vᵀ g) ⊘ (e + λ)]`` (thin ``V``: ``+ (g − V Vᵀ g) / λ``); kfac/ekfac:
+    ``Q_S [(Q_Sᵀ G Q_A) ⊘ (eigvals + λ)] Q_Aᵀ`` with ``G = g.reshape(Q, k_out, k_in)`` (row-major, matching
+    the store layout).
     """
     if kind == "raw":
         coeffs = g @ m.eigvecs
+        if m.thin:
+            outside = g - coeffs @ m.eigvecs.T
+            return (coeffs / (m.eigvals + m.damping)) @ m.eigvecs.T + outside / m.damping
         coeffs /= m.eigvals + m.damping
         return coeffs @ m.eigvecs.T
     if kind in ("kfac", "ekfac"):
@@ -368,16 +390,19 @@ def resolve_damping(spec: DampingSpec, mean_eigenvalue: float) -> float:
     return relative if relative > 0 else ZERO_CURVATURE_DAMPING
 
 
-def second_moments(blocks: Iterable[np.ndarray], modules: Sequence, ctx: DistContext = SINGLE
-                   ) -> tuple[list[np.ndarray], int]:
+def second_moments(blocks: Iterable[np.ndarray], modules: Sequence, ctx: DistContext = SINGLE, *,
+                   keep=None) -> tuple[list[np.ndarray], int]:
     """``(1/N) Σ_n vec(Ĝ_n) vec(Ĝ_n)ᵀ`` per module (``[D_m, D_m]`` float64) from row blocks, and ``N``.
 
     Distributed (``ctx``): each rank's blocks are its own rows; the sums and ``N`` are all-reduced before
-    the division, so every rank gets the moments of the whole store."""
+    the division, so every rank gets the moments of the whole store. ``keep(first_row, block)`` sees every
+    block before it is released (the thin raw fit copies its modules' columns out)."""
     sums = [np.zeros((m.size, m.size)) for m in modules]
     n = 0
     for block in blocks:
         block = np.asarray(block)
+        if keep is not None:
+            keep(n, block)
         n += block.shape[0]
         for acc, m in zip(sums, modules):
             g = block[:, m.offset : m.offset + m.size].astype(np.float64)
@@ -442,8 +467,11 @@ def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:
     d_max = max((m.size for m in store.modules), default=store.dim)
     per_row = 8 * store.dim + 32 * d_max
     fixed = PREFETCH_OVERHEAD_BYTES
-    if kind == "raw":
-        fixed += 3 * 8 * sum(m.size * m.size for m in store.modules)
+    if kind == "raw":  # full blocks: D_m² accumulators; thin ones: the module's N rows (float32) + their SVD
+        thin = thin_raw_modules(store)
+        fixed += sum(3 * 8 * m.size * m.size if m.name not in thin else 4 * store.rows * m.size
+                     for m in store.modules)
+        fixed += max((3 * 8 * store.rows * m.size for m in store.modules if m.name in thin), default=0)
     elif kind == "ekfac":
         fixed += 3 * 8 * sum(m.size + m.k_out * m.k_out + m.k_in * m.k_in for m in store.modules)
     rows = int((check_memory_budget(memory_budget_mb) * 2**20 - fixed) // per_row)
@@ -492,17 +520,51 @@ def fit_none(store, spec: DampingSpec) -> list[ModuleCurvature]:
     return [ModuleCurvature(m.name, m.k_out, m.k_in, m.offset, 0.0, m.layout) for m in store.modules]
 
 
+def thin_raw_modules(store, ctx: DistContext = SINGLE) -> set[str]:
+    """Modules whose raw Fisher is fitted thin (module docstring): more columns than the store has rows,
+    in a single process."""
+    if ctx.active:
+        return set()
+    return {m.name for m in store.modules if store.rows < m.size}
+
+
 def fit_raw(store, spec: DampingSpec, block_rows: int = DEFAULT_BLOCK_ROWS, ctx: DistContext = SINGLE
             ) -> list[ModuleCurvature]:
-    """Exact projected empirical Fisher per module, ``F = (1/N) Σ_n ĝ_n ĝ_nᵀ``, eigendecomposed (float64)."""
-    _check_module_sizes("raw", store.modules)
-    moments, _n = second_moments(_row_blocks(store, block_rows, ctx), store.modules, ctx)
+    """Exact projected empirical Fisher per module, ``F = (1/N) Σ_n ĝ_n ĝ_nᵀ``, eigendecomposed (float64);
+    thin (SVD of the module's rows) where ``N < D_m`` (`thin_raw_modules`)."""
+    thin = thin_raw_modules(store, ctx)
+    full = [m for m in store.modules if m.name not in thin]
+    _check_module_sizes("raw", full)
+    rows = {m.name: np.empty((store.rows, m.size), dtype=np.float32) for m in store.modules if m.name in thin}
+    moments, _n = second_moments(_row_blocks(store, block_rows, ctx), full, ctx,
+                                 keep=lambda start, block: _keep_columns(rows, store.modules, start, block))
+    fitted_full = dict(zip((m.name for m in full), moments))
     fitted = []
-    for m, fisher in zip(store.modules, moments):
-        vals, vecs = eigh_psd(fisher)
-        damping = resolve_damping(spec, float(vals.mean()))
+    for m in store.modules:
+        if m.name in thin:
+            vals, vecs = thin_eigh(rows.pop(m.name))
+            mean = float(vals.sum()) / m.size
+        else:
+            vals, vecs = eigh_psd(fitted_full.pop(m.name))
+            mean = float(vals.mean())
+        damping = resolve_damping(spec, mean)
         fitted.append(ModuleCurvature(m.name, m.k_out, m.k_in, m.offset, damping, m.layout, eigvecs=vecs, eigvals=vals))
     return fitted
+
+
+def _keep_columns(rows: dict[str, np.ndarray], modules: Sequence, start: int, block: np.ndarray) -> None:
+    for m in modules:
+        if m.name in rows:
+            rows[m.name][start:start + block.shape[0]] = block[:, m.offset:m.offset + m.size]
+
+
+def thin_eigh(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of ``F = GᵀG / N`` from ``G`` (``[N, D]``, N < D) without forming ``F``: the thin SVD
+    ``G = U diag(σ) Vᵀ`` in float64 gives ``(σ²/N, V)`` (``[N]``, ``[D, N]``), ascending like `eigh_psd`."""
+    g = torch.from_numpy(np.asarray(rows, dtype=np.float64))
+    _u, sigma, vh = torch.linalg.svd(g, full_matrices=False)
+    vals, vecs = (sigma * sigma / g.shape[0]).flip(0), vh.flip(0).T
+    return vals.numpy(), np.ascontiguousarray(vecs.numpy())
 
 
 def fit_kfac(store, spec: DampingSpec) -> list[ModuleCurvature]:
@@ -695,7 +757,7 @@ def _check_fitted_matches_store(path: Path, info: dict, store, kind: str) -> Non
 
 def _check_module_tensors(path: Path, kind: str, m: ModuleCurvature) -> None:
     expected = {
-        "raw": {"eigvecs": (m.size, m.size), "eigvals": (m.size,)},
+        "raw": {"eigvecs": (m.size, _raw_rank(m)), "eigvals": (_raw_rank(m),)},
         "kfac": {"q_s": (m.k_out, m.k_out), "q_a": (m.k_in, m.k_in), "eigvals": (m.k_out, m.k_in)},
         "ekfac": {"q_s": (m.k_out, m.k_out), "q_a": (m.k_in, m.k_in), "eigvals": (m.k_out, m.k_in)},
     }.get(kind, {})
@@ -706,6 +768,11 @@ def _check_module_tensors(path: Path, kind: str, m: ModuleCurvature) -> None:
             raise InputError(
                 f"{path}: module {m.name}: tensor {attr} has shape {got}, expected {shape}; re-run dataworth fit"
             )
+
+
+def _raw_rank(m: ModuleCurvature) -> int:
+    """Columns of a saved raw basis: ``D_m`` (full), or fewer for a thin fit (at most the rows fitted on)."""
+    return m.eigvecs.shape[1] if m.eigvecs is not None and m.eigvecs.ndim == 2 and m.eigvecs.shape[1] <= m.size else m.size
 
 
 def fitted_kinds(store) -> list[str]:
