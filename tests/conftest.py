@@ -55,6 +55,38 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
+# A ChatML template (the format of SmolLM2-Instruct and Qwen): every message between <|im_start|> and <|im_end|>.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_chat_tokenizer(specials: list[str], bos: str | None, eos: str | None, template: str | None,
+                         vocab_size: int = 300):
+    """A byte-level BPE tokenizer with ``specials`` (ids 0, 1, …), the given bos/eos/chat template and pad =
+    eos, laid out like SmolLM2-Instruct's when called with ``chatml_tokenizer``'s arguments."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos)
+    fast.chat_template = template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer():
+    """SmolLM2-Instruct's special-token layout: <|endoftext|>=0, bos <|im_start|>=1, eos <|im_end|>=2, ChatML."""
+    return build_chat_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>",
+                                CHATML_TEMPLATE)
+
+
 def build_llama(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

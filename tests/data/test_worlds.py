@@ -6,6 +6,7 @@ text with a parser written here), never by calling the generator's own helpers.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -13,16 +14,21 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from importlib import resources
+from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dataworth.data.worlds import BUILTIN_NAMES, builtin_rows
-from dataworth.data.worlds.bios import BiosConfig, make_bios
+from dataworth.data.worlds.bios import FACT_WORDING, BiosConfig, make_bios
 from dataworth.data.worlds.instruct import InstructConfig, make_instruct
+from dataworth.data.worlds.realtext import REALTEXT_SIZE
 from dataworth.errors import InputError
 
+ROOT = Path(__file__).resolve().parents[2]
 BIOS_SPLITS = ("train", "queries", "questions")
 INSTRUCT_SPLITS = ("train", "valid", "test")
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer")
@@ -76,17 +82,19 @@ def test_returned_rows_are_fresh_copies():
 # ----------------------------------------------------------------------------------------- bios: truth
 
 def check_bios(params: dict[str, str], people: int, docs_per_person: int, distractors: int,
-               reversals: int = 0) -> None:
+               reversals: int = 0, realtext: int = 0) -> None:
     """Every ground-truth claim of a bios world, re-derived from the text."""
     train = builtin_rows("bios", "train", params)
     queries = builtin_rows("bios", "queries", params)
     questions = builtin_rows("bios", "questions", params)
     by_id = {d["id"]: d for d in train}
 
-    # Sizes and unique ids; only reversed documents carry the "reversed" key.
+    # Sizes and unique ids; only reversed documents carry the "reversed" key, only real text "source".
     assert len(by_id) == len(train)
-    assert sum(d["kind"] != "reversed" for d in train) == people * docs_per_person + distractors
+    assert sum(d["kind"] in ("bio", "distractor") for d in train) == people * docs_per_person + distractors
+    assert sum(d["kind"] == "realtext" for d in train) == realtext
     assert all(("reversed" in d) == (d["kind"] == "reversed") for d in train)
+    assert all(("source" in d) == (d["kind"] == "realtext") for d in train)
     assert len({q["id"] for q in queries + questions}) == len(queries) + len(questions) == 2 * people * 5
     assert all(re.fullmatch(r"bio-\d{4,}", d["id"]) for d in train)
 
@@ -104,8 +112,8 @@ def check_bios(params: dict[str, str], people: int, docs_per_person: int, distra
     stated: Counter = Counter()
     for doc in train:
         text = doc["text"]
-        if doc["kind"] == "reversed":
-            continue  # check_reversed
+        if doc["kind"] in ("reversed", "realtext"):
+            continue  # check_reversed, check_realtext
         if doc["kind"] == "distractor":
             assert doc["person"] is None and doc["facts"] == []
             assert not FACT_PHRASES.search(text), text
@@ -144,6 +152,7 @@ def check_bios(params: dict[str, str], people: int, docs_per_person: int, distra
         assert a["response"] == q["response"][:-1] and a["person"] in a["prompt"]
 
     check_reversed(train, queries, reversals)
+    check_realtext(train, queries)
 
 
 def _words(text: str) -> set[str]:
@@ -198,11 +207,11 @@ def test_bios_persons_do_not_depend_on_document_counts():
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(people=st.integers(1, 12), docs=st.integers(1, 5), distractors=st.integers(0, 10),
-       seed=st.integers(-(10**6), 10**6), reversals=st.integers(0, 4))
-def test_random_bios_sizes_and_seeds_give_consistent_worlds(people, docs, distractors, seed, reversals):
+       seed=st.integers(-(10**6), 10**6), reversals=st.integers(0, 4), realtext=st.integers(0, 30))
+def test_random_bios_sizes_and_seeds_give_consistent_worlds(people, docs, distractors, seed, reversals, realtext):
     params = {"people": str(people), "docs_per_person": str(docs), "distractors": str(distractors),
-              "seed": str(seed), "reversals": str(reversals)}
-    check_bios(params, people, docs, distractors, reversals)
+              "seed": str(seed), "reversals": str(reversals), "realtext": str(realtext)}
+    check_bios(params, people, docs, distractors, reversals, realtext)
 
 
 # ------------------------------------------------------------------------------------ bios: reversals
@@ -240,6 +249,115 @@ def test_reversals_add_documents_without_changing_biographies_distractors_or_gol
     # The reversed documents are shuffled in, not appended at the end.
     kinds = [d["kind"] for d in rev]
     assert kinds[len(plain):] != ["reversed"] * (len(rev) - len(plain))
+
+
+# ------------------------------------------------------------------------------------ bios: real text
+
+def _snapshot() -> list[dict]:
+    raw = resources.files("dataworth.data.worlds").joinpath("realtext.jsonl.gz").read_bytes()
+    return [json.loads(line) for line in gzip.decompress(raw).decode("ascii").splitlines()]
+
+
+def check_realtext(train: list[dict], queries: list[dict]) -> None:
+    """Real-text documents are distinct snapshot documents, name nobody, state nothing, and are never gold."""
+    snapshot = {d["text"]: d["source"] for d in _snapshot()}
+    names = {q["person"] for q in queries}
+    docs = [d for d in train if d["kind"] == "realtext"]
+    assert len({d["text"] for d in docs}) == len(docs)
+    for doc in docs:
+        text = doc["text"]
+        assert doc["person"] is None and doc["facts"] == [] and snapshot[text] == doc["source"], doc
+        assert not FACT_PHRASES.search(text) and not FACT_WORDING.search(text), text
+        assert not any(_word(n).search(text) for n in names), text
+        assert not any(q["prompt"] in text for q in queries), text
+    assert not {g for q in queries for g in q["gold"]} & {d["id"] for d in docs}
+
+
+def test_the_snapshot_is_small_real_prose_with_one_source_each():
+    docs = _snapshot()
+    assert len(docs) == REALTEXT_SIZE and 400 <= len(docs) <= 600
+    assert len({d["text"].lower() for d in docs}) == len({d["source"] for d in docs}) == len(docs)
+    for doc in docs:
+        text = doc["text"]
+        sentences = re.split(r"(?<=\.) (?=[A-Z])", text)
+        assert set(doc) == {"source", "text"}
+        assert re.fullmatch(r"stdlib:[a-z][a-z0-9_]*(\.[A-Za-z0-9_]+)*", doc["source"]), doc
+        assert all(" " <= c <= "~" for c in text) and not re.search(r">>>|`|::|=|_|\w\(", text), text
+        assert 20 <= len(text.split()) <= 60 and 1 <= len(sentences) <= 3 and text.endswith("."), text
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in resources.files("dataworth.data.worlds").joinpath(
+        "realtext.LICENSE.txt").read_text(encoding="utf-8")
+
+
+def test_the_snapshot_file_is_small():
+    path = Path(str(resources.files("dataworth.data.worlds").joinpath("realtext.jsonl.gz")))
+    assert path.stat().st_size < 150_000
+
+
+@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the snapshot was made from CPython 3.11.7's stdlib")
+def test_the_committed_snapshot_is_what_the_script_makes(tmp_path):
+    script = load_benchmark("benchmarks_make_realtext_snapshot", ROOT / "benchmarks" / "make_realtext_snapshot.py")
+    script.main(["--out", str(tmp_path / "realtext.jsonl.gz")])
+    here = Path(str(resources.files("dataworth.data.worlds")))
+    for name in ("realtext.jsonl.gz", "realtext.LICENSE.txt"):
+        assert (tmp_path / name).read_bytes() == (here / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("realtext", [1, 25])
+def test_realtext_documents_join_the_world_without_touching_its_ground_truth(realtext):
+    check_bios({"people": "10", "realtext": str(realtext)}, 10, 3, 10, realtext=realtext)
+
+
+def test_default_world_with_the_whole_snapshot_and_reversals_ground_truth_holds():
+    check_bios({"realtext": str(REALTEXT_SIZE), "reversals": "1"}, people=48, docs_per_person=3, distractors=48,
+               reversals=1, realtext=REALTEXT_SIZE)
+    drawn = [d["source"] for d in builtin_rows("bios", "train", {"realtext": str(REALTEXT_SIZE)}) if "source" in d]
+    assert sorted(drawn) == sorted(d["source"] for d in _snapshot())
+
+
+def test_realtext_adds_documents_without_changing_the_others_or_the_queries():
+    plain = builtin_rows("bios", "train", {"people": "12"})
+    mixed = builtin_rows("bios", "train", {"people": "12", "realtext": "40"})
+    key = lambda d: (d["text"], d["kind"], d["person"], d["facts"])  # noqa: E731
+    assert sorted(key(d) for d in mixed if d["kind"] != "realtext") == sorted(key(d) for d in plain)
+    for split in ("queries", "questions"):
+        strip = lambda rows: [(q["id"], q["prompt"], q["response"], len(q["gold"])) for q in rows]  # noqa: E731
+        assert strip(builtin_rows("bios", split, {"people": "12", "realtext": "40"})) == strip(
+            builtin_rows("bios", split, {"people": "12"}))
+    kinds = [d["kind"] for d in mixed]
+    assert kinds[len(plain):] != ["realtext"] * 40  # shuffled in, not appended
+
+
+def test_realtext_draws_are_seeded_nested_and_deterministic():
+    def drawn(params):
+        return [d["source"] for d in builtin_rows("bios", "train", params) if d["kind"] == "realtext"]
+
+    _clear_caches()
+    first = _dump("bios", BIOS_SPLITS, {"people": "5", "realtext": "30"})
+    _clear_caches()
+    assert _dump("bios", BIOS_SPLITS, {"people": "5", "realtext": "30"}) == first
+    small, large = set(drawn({"people": "5", "realtext": "10"})), set(drawn({"people": "5", "realtext": "30"}))
+    assert len(small) == 10 and small < large
+    assert set(drawn({"people": "5", "realtext": "30", "seed": "1"})) != large
+
+
+def test_snapshot_documents_naming_a_person_or_a_fact_are_never_drawn(monkeypatch):
+    from dataworth.data.worlds import bios
+    from dataworth.data.worlds.realtext import RealTextDocument
+
+    person = bios.make_people(3, 0)[0]
+    clean = [RealTextDocument(f"stdlib:m.f{i}", f"Plain sentence number {i} about files.") for i in range(4)]
+    bad = [RealTextDocument("stdlib:m.name", f"Ask {person.name} about the socket."),
+           RealTextDocument("stdlib:m.fact", "The parser grew up in a small module."),
+           RealTextDocument("stdlib:m.pronoun", "Call it when she returns.")]
+    monkeypatch.setattr(bios, "realtext_documents", lambda: tuple(clean[:2] + bad + clean[2:]))
+    make_bios.cache_clear()
+    try:
+        rows = builtin_rows("bios", "train", {"people": "3", "realtext": "4"})
+        assert sorted(d["source"] for d in rows if d["kind"] == "realtext") == [d.source for d in clean]
+        with pytest.raises(InputError, match=r"builtin:bios: realtext=5: only 4 of the"):
+            builtin_rows("bios", "train", {"people": "3", "realtext": "5"})
+    finally:
+        make_bios.cache_clear()
 
 
 # ------------------------------------------------------------------------------------- instruct: truth
@@ -368,6 +486,8 @@ def test_unknown_parameter_names_it_and_the_allowed_ones():
     ("bios", "people", "abc"), ("bios", "people", "0"), ("bios", "people", "1.5"), ("bios", "people", ""),
     ("bios", "people", "99999"), ("bios", "docs_per_person", "0"), ("bios", "distractors", "-1"),
     ("bios", "seed", "x"), ("bios", "reversals", "-1"), ("bios", "reversals", "51"), ("bios", "reversals", "two"),
+    ("bios", "realtext", "-1"), ("bios", "realtext", str(REALTEXT_SIZE + 1)), ("bios", "realtext", "1.5"),
+    ("bios", "realtext", "ten"), ("bios", "realtext", ""),
     ("instruct", "pool", "0"), ("instruct", "test_per_task", "ten"),
 ])
 def test_bad_parameter_value_is_named(name, key, value):
@@ -397,6 +517,23 @@ def test_people_parameter_parses_exactly_the_ascii_integers_in_range(text):
 def test_negative_reversals_in_a_typed_config_is_a_value_error():
     with pytest.raises(ValueError, match="reversals must be >= 0"):
         make_bios(BiosConfig(people=2, reversals=-1))
+
+
+@pytest.mark.parametrize("realtext", [-1, REALTEXT_SIZE + 1])
+def test_realtext_outside_the_snapshot_in_a_typed_config_is_a_value_error(realtext):
+    with pytest.raises(ValueError, match=f"realtext must be in 0..{REALTEXT_SIZE}"):
+        make_bios(BiosConfig(people=2, realtext=realtext))
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.one_of(st.text(max_size=5), st.integers(-3, REALTEXT_SIZE + 3).map(str)))
+def test_realtext_parameter_parses_exactly_the_ascii_integers_in_range(text):
+    if re.fullmatch(r"\s*[+-]?[0-9]+\s*", text) and 0 <= int(text) <= REALTEXT_SIZE:
+        rows = builtin_rows("bios", "train", {"people": "2", "distractors": "0", "realtext": text})
+        assert sum(d["kind"] == "realtext" for d in rows) == int(text)
+    else:
+        with pytest.raises(InputError, match="parameter 'realtext'"):
+            builtin_rows("bios", "train", {"realtext": text})
 
 
 def test_typed_configs_equal_string_params():

@@ -314,6 +314,34 @@ def test_per_token_contributions_sum_to_the_row_score(model_dir, tmp_path):
         np.testing.assert_allclose(c.sum(axis=1), queries @ rows[n], rtol=1e-4, atol=1e-6)
 
 
+def test_manifest_records_which_tokens_framed_text_rows(model_dir, tmp_path):
+    store = extract(_config(model_dir, tmp_path / "s"), progress=False)
+    assert store.manifest["config"]["text_format"] == {"start": ["<s>"], "end": ["</s>"]}
+
+
+def test_chat_model_text_rows_are_extracted_and_re_encoded_with_the_document_delimiter(chatml_tokenizer, tmp_path):
+    """bos/eos are <|im_start|>/<|im_end|> (SmolLM2-Instruct's layout): the store's rows use <|endoftext|>, the
+    manifest says so, and query gradients of the same rows (re-encoded by gradients.queries) equal the rows."""
+    from dataworth.data.encode import data_fingerprint, encode_rows
+    from dataworth.data.rows import load_rows
+    from dataworth.gradients.queries import query_gradients
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join('{"id": "d%d", "text": "Bob Jones studied physics %s"}\n' % (i, "at Oxford " * i)
+                            for i in range(5)))
+    model = build_llama(len(chatml_tokenizer), seed=3)
+    cfg = ExtractConfig(data=str(data), out=str(tmp_path / "s"), modules="mlp", projection="random", rank_in=4,
+                        rank_out=3, seed=1, dtype="float32", batch_size=2, shard_rows=4, device="cpu")
+    store = extract(cfg, model=model, tokenizer=chatml_tokenizer, progress=False)
+    assert store.manifest["config"]["text_format"] == {"start": ["<|endoftext|>"], "end": ["<|endoftext|>"]}
+    encoded, _ = encode_rows(load_rows(str(data)), chatml_tokenizer, max_length=512)
+    assert store.manifest["data"]["fingerprint"] == data_fingerprint(encoded)
+    assert all(e.input_ids[0] == e.input_ids[-1] == chatml_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+               for e in encoded)
+    again = query_gradients(store, model, chatml_tokenizer, load_rows(str(data)), measure_end_token=True)
+    np.testing.assert_allclose(again, store.matrix(), rtol=1e-4, atol=1e-6)
+
+
 def test_query_measurement_leaves_out_the_appended_end_token(tiny_tokenizer):
     from dataworth.data.encode import without_end_token
 

@@ -4,12 +4,14 @@ Why a module of its own: attribution is only as trustworthy as the answer to "wh
 measure?". Training, extraction, scoring and generation must agree on it *to the token*, so chat
 formatting, loss-mask construction, the end token and truncation live here once; the formats are in
 `encode_rows`'s docstring. `without_end_token` and `measured_queries` choose what a *query* measures (its
-answer, or its answer and the end token that encoding appends).
+answer, or its answer and the end token that encoding appends). `text_delimiters` says which tokens wrap a
+plain-text document: bos/eos, unless those are a chat model's turn markers (then its document delimiter).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,10 +48,13 @@ class _Piece:
 
 @dataclass(frozen=True)
 class _Format:
-    """What encoding needs to know about a tokenizer, resolved once per ``encode_rows`` call."""
+    """What encoding needs to know about a tokenizer, resolved once per ``encode_rows`` call. ``start`` /
+    ``end``: the tokens around a document (``text_delimiters``); ``eos`` ends an assistant turn in the plain
+    messages format."""
 
     chat: bool
-    bos: int | None
+    start: int | None
+    end: int | None
     eos: int | None
     end_of_turn: int | None
 
@@ -97,15 +102,16 @@ def prompt_token_ids(prompt: str, tokenizer, chat: bool | str = "auto") -> list[
 
     With a chat template (``chat="auto"`` and the tokenizer has one, or ``chat=True``):
     ``apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)`` (the template
-    adds bos itself when the model wants one). Without: ``[bos] + tok(prompt)``. ``dataworth generate`` uses
-    this, and ``encode_rows`` builds prompt_response rows on it, so the loss is measured on the very
-    sequence the response was generated from.
+    adds bos itself when the model wants one). Without: ``[start] + tok(prompt)``, ``start`` the document
+    start of ``text_delimiters`` (bos, unless bos is a chat-turn marker). ``dataworth generate`` uses this,
+    and ``encode_rows`` builds prompt_response rows on it, so the loss is measured on the very sequence the
+    response was generated from.
     """
     if _use_chat(tokenizer, chat):
         conversation = [{"role": "user", "content": prompt}]
         return _token_ids(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None else []) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    start, _ = text_delimiters(tokenizer)
+    return _ids(start) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -127,11 +133,91 @@ def end_of_turn_id(tokenizer) -> int | None:
     return tokenizer.eos_token_id
 
 
+# Names of the token that separates documents in pretraining streams, looked for in this order: GPT-2,
+# SmolLM and Qwen use <|endoftext|>, Llama 3 <|end_of_text|>, Llama 2 and Mistral </s>.
+DOCUMENT_DELIMITERS = ("<|endoftext|>", "<|end_of_text|>", "</s>")
+
+
+def _special_ids(tokenizer) -> set[int]:
+    return set(tokenizer.all_special_ids) | {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", {}) or {})}
+
+
+def chat_turn_markers(tokenizer) -> frozenset[int]:
+    """Special tokens the chat template writes at least once per message: turn openers and closers.
+
+    Found by rendering a four-message probe (user, assistant, user, assistant) and counting each special
+    token: ``<|im_start|>`` / ``<|im_end|>`` (ChatML) or ``<|eot_id|>`` (Llama 3) occur once per turn or
+    more, while a bos the template writes once (``<|begin_of_text|>``, ``<s>`` before the first turn) or an
+    eos after assistant turns only (Llama 2, Mistral, open-instruct) occurs fewer times. No template, or one
+    that fails on the probe: none.
+    """
+    if not has_chat_template(tokenizer):
+        return frozenset()
+    probe = [{"role": role, "content": f"DATAWORTHPROBE{i}"} for i, role in enumerate(("user", "assistant") * 2)]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # jinja's own types, or a template's raise_exception()
+        return frozenset()
+    counts = Counter(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return frozenset(t for t in _special_ids(tokenizer) if counts[t] >= len(probe))
+
+
+def document_delimiter(tokenizer) -> int | None:
+    """The special token named like a document separator (``DOCUMENT_DELIMITERS``, first found), if any."""
+    special = _special_ids(tokenizer)
+    for name in DOCUMENT_DELIMITERS:
+        token = tokenizer.convert_tokens_to_ids(name)  # an unknown name gives unk (or None): checked below
+        if token in special and tokenizer.convert_ids_to_tokens(token) == name:
+            return int(token)
+    return None
+
+
+def text_delimiters(tokenizer) -> tuple[int | None, int | None]:
+    """``(start, end)``: the tokens before and after a plain-text document (``None``: nothing there).
+
+    ``start = D if bos ∈ M else bos`` and ``end = D if eos ∈ M else eos``, where ``M`` are the chat-turn
+    markers (``chat_turn_markers``) and ``D`` the document delimiter (``document_delimiter``); if there is no
+    ``D``, or ``D ∈ M``, or ``M`` is empty, simply ``(bos, eos)``. A bos/eos named like a delimiter
+    (``</s>`` closing every turn in Zephyr's template) counts as ``D`` and stays.
+
+    Why: a chat model's bos/eos can be turn markers (SmolLM2-Instruct: ``<|im_start|>`` / ``<|im_end|>``),
+    and ``[bos] + text + [eos]`` is then a chat turn with no role, a sequence the model never saw. SmolLM2
+    gets ``<|endoftext|> text <|endoftext|>``: its pretraining stream separates documents with
+    ``<|endoftext|>`` and has no bos (GPT-2's convention; the base SmolLM2-135M config declares
+    ``bos_token_id = eos_token_id = 0``, ``<|endoftext|>``), so every pretraining document followed a ``D``,
+    and this is what ``[bos] + text + [eos]`` is for the base model. The leading ``D`` also keeps the mask
+    semantics of text rows: position 0 is the delimiter, so every text token is a target, as after a bos.
+    Llama 3 Instruct keeps ``<|begin_of_text|>`` and ends with ``<|end_of_text|>``, not ``<|eot_id|>``.
+    Tokenizers whose bos/eos are no turn markers (GPT-2, the built-in tiny model's, Llama 2, Mistral) keep
+    ``(bos, eos)`` exactly, so their encodings and data fingerprints are unchanged.
+    """
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    markers = chat_turn_markers(tokenizer)
+    delimiter = document_delimiter(tokenizer)
+    if not markers or delimiter is None or delimiter in markers:
+        return bos, eos
+
+    def side(token: int | None) -> int | None:
+        named_as_delimiter = token is not None and tokenizer.convert_ids_to_tokens(token) in DOCUMENT_DELIMITERS
+        return delimiter if token in markers and not named_as_delimiter else token
+
+    return side(bos), side(eos)
+
+
+def text_format(tokenizer) -> dict[str, list[str]]:
+    """``text_delimiters`` as token strings, ``{"start": ["<|endoftext|>"], "end": ["<|endoftext|>"]}``
+    (an empty list where there is no token): what a store's manifest records of how text rows were framed."""
+    return {side: [] if token is None else [tokenizer.convert_ids_to_tokens(token)]
+            for side, token in zip(("start", "end"), text_delimiters(tokenizer))}
+
+
 def _resolve_format(tokenizer, chat: bool | str) -> _Format:
     use_chat = _use_chat(tokenizer, chat)
+    start, end = text_delimiters(tokenizer)
     return _Format(
         chat=use_chat,
-        bos=tokenizer.bos_token_id,
+        start=start,
+        end=end,
         eos=tokenizer.eos_token_id,
         end_of_turn=end_of_turn_id(tokenizer) if use_chat else tokenizer.eos_token_id,
     )
@@ -142,24 +228,24 @@ def _ids(token: int | None) -> list[int]:
 
 
 def _plan_text(row: Row, fmt: _Format) -> list[_Piece]:
-    return [_Piece("head", "no", ids=_ids(fmt.bos)), _Piece("body", "yes", text=row.text),
-            _Piece("body", "yes", ids=_ids(fmt.eos))]
+    return [_Piece("head", "no", ids=_ids(fmt.start)), _Piece("body", "yes", text=row.text),
+            _Piece("body", "yes", ids=_ids(fmt.end))]
 
 
 def _plan_prompt_response(row: Row, tokenizer, fmt: _Format) -> list[_Piece]:
     prompt, response = row.prompt, row.response
     if fmt.chat:
         prompt_ids = prompt_token_ids(prompt, tokenizer, chat=True)
-        head = prompt_ids[:1] if prompt_ids[:1] == _ids(fmt.bos) else []
+        head = prompt_ids[:1] if prompt_ids[:1] == _ids(tokenizer.bos_token_id) else []
         return [_Piece("head", "no", ids=head), _Piece("prompt", "no", ids=prompt_ids[len(head):]),
                 _Piece("body", "yes", text=response), _Piece("body", "yes", ids=_ids(fmt.end_of_turn))]
-    return [_Piece("head", "no", ids=_ids(fmt.bos)), _Piece("prompt", "no", text=prompt),
-            _Piece("body", "yes", text=response), _Piece("body", "yes", ids=_ids(fmt.eos))]
+    return [_Piece("head", "no", ids=_ids(fmt.start)), _Piece("prompt", "no", text=prompt),
+            _Piece("body", "yes", text=response), _Piece("body", "yes", ids=_ids(fmt.end))]
 
 
 def _plan_messages_plain(row: Row, fmt: _Format) -> list[_Piece]:
     """open-instruct / LESS format: ``<|role|>\\n{content}\\n`` per turn, assistant content followed by eos."""
-    pieces = [_Piece("head", "no", ids=_ids(fmt.bos))]
+    pieces = [_Piece("head", "no", ids=_ids(fmt.start))]
     for message in row.messages:
         role, content = message["role"], message["content"]
         if role == "assistant":
@@ -259,15 +345,20 @@ def encode_rows(
 ) -> tuple[list[Encoded], EncodeReport]:
     """Tokenise rows into ``Encoded(id, input_ids, loss_mask, truncated)`` (target ⇔ ``loss_mask == 1``).
 
-    Formats (``bos``/``eos`` only where the tokenizer defines them; each segment tokenised on its own with
-    ``add_special_tokens=False``, so the mask boundary is exact):
+    Formats (each token only where the tokenizer defines it; each segment tokenised on its own with
+    ``add_special_tokens=False``, so the mask boundary is exact). ``start`` / ``end`` are
+    ``text_delimiters(tokenizer)``: ``bos`` / ``eos``, except on chat models whose bos/eos are turn markers,
+    which get their document delimiter (SmolLM2-Instruct: ``<|endoftext|>`` on both sides):
 
-    - text: ``[bos] + tok(text) + [eos]``; targets: every token after position 0.
-    - prompt_response, plain: ``[bos] + tok(prompt) + tok(response) + [eos]``; targets: response + eos.
+    - text: ``[start] + tok(text) + [end]``; targets: every token after position 0.
+    - prompt_response, plain: ``[start] + tok(prompt) + tok(response) + [end]``; targets: response + end. A
+      prompt/response pair without the chat template is a document as well (the model sees no chat
+      markup), so it is framed like one; ``prompt_token_ids`` agrees, so generation and scoring match.
     - prompt_response, chat (``chat="auto"`` with a ``chat_template``, or ``chat=True``):
       ``prompt_token_ids(prompt) + tok(response) + [end_of_turn]``; targets: response + end-of-turn token.
-    - messages, plain (LESS / open-instruct): ``[bos]`` then per turn ``<|system|>\\n{c}\\n``,
-      ``<|user|>\\n{c}\\n``, ``<|assistant|>\\n{c}{eos}\\n``; targets: assistant ``{c}`` and its eos.
+    - messages, plain (LESS / open-instruct): ``[start]`` then per turn ``<|system|>\\n{c}\\n``,
+      ``<|user|>\\n{c}\\n``, ``<|assistant|>\\n{c}{eos}\\n``; targets: assistant ``{c}`` and its eos (there
+      eos does end a turn, as in open-instruct's training data, so it stays).
     - messages, chat: the template rendered turn by turn (see ``_plan_messages_chat``); targets: what each
       assistant turn adds after the generation prompt, up to and including the end-of-turn token.
 
@@ -312,8 +403,9 @@ def data_fingerprint(encoded: Sequence[Encoded]) -> str:
 
 
 def without_end_token(row: Encoded, tokenizer) -> Encoded:
-    """``row`` with its final end-of-sequence / end-of-turn target unmasked (kept in the input)."""
-    ends = {t for t in (getattr(tokenizer, "eos_token_id", None), end_of_turn_id(tokenizer)) if t is not None}
+    """``row`` with its final end-of-sequence / end-of-turn / end-of-document target unmasked (kept in the input)."""
+    ends = {t for t in (getattr(tokenizer, "eos_token_id", None), end_of_turn_id(tokenizer),
+                        text_delimiters(tokenizer)[1]) if t is not None}
     if row.input_ids and row.input_ids[-1] in ends and row.loss_mask[-1] and row.n_targets > 1:
         return Encoded(row.id, row.input_ids, row.loss_mask[:-1] + [0], row.truncated)
     return row

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dataworth.data.batching import Encoded, collate, example_losses, plan_batches
-from dataworth.data.encode import data_fingerprint, encode_rows
+from dataworth.data.encode import data_fingerprint, encode_rows, text_format
 from dataworth.data.rows import load_rows
 from dataworth.distributed import (
     SINGLE,
@@ -508,6 +508,8 @@ def _extract(ctx: DistContext, config: ExtractConfig, *, model, tokenizer, encod
         "data": {"fingerprint": data_fingerprint(list(encoded)), "spec": config.data, "rows": len(encoded)},
         "config": config.replay_keys(),
     }
+    if tokenizer is not None:  # which tokens framed text rows (bos/eos, or a chat model's document delimiter)
+        header["config"]["text_format"] = text_format(tokenizer)
     check_agreement(ctx, {"model": header["model"]["fingerprint"], "data": header["data"]}, "model/data")
     saved_pca = broadcast_object(ctx, config.projection == "pca" and pca_path.exists() and not overwrite)
     if saved_pca:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from dataworth.data.worlds.bios import MAX_PEOPLE, BiosConfig, make_bios
 from dataworth.data.worlds.instruct import InstructConfig, make_instruct
+from dataworth.data.worlds.realtext import REALTEXT_SIZE
 from dataworth.errors import InputError
 
 __all__ = [
@@ -64,6 +65,7 @@ _WORLDS: dict[str, _World] = {
         "distractors": _Param(0, 100_000),
         "seed": _SEED,
         "reversals": _Param(0, 50),
+        "realtext": _Param(0, REALTEXT_SIZE),
     }),
     "instruct": _World(InstructConfig, make_instruct, ("train", "valid", "test"), "train", {
         "pool": _Param(1, 1_000_000),

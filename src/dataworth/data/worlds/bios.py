@@ -8,7 +8,7 @@ exactly the documents whose ``facts`` list ``birth_city``. Values repeat across 
 people) and distractor documents mention the same cities, universities and employers without stating
 anyone's facts, so "contains the word Paris" is not enough to find the gold documents.
 
-Guarantees (checked by ``tests/test_worlds.py``):
+Guarantees (checked by ``tests/data/test_worlds.py``):
 
 * full names are unique and no other person's full name occurs in a person's documents;
 * every fact is stated in ``min(2, docs_per_person)`` or more documents, every document states ≥ 1 fact;
@@ -16,7 +16,9 @@ Guarantees (checked by ``tests/test_worlds.py``):
 * every fact query's canonical sentence ``prompt + response`` occurs verbatim in ≥ 1 gold document;
 * distractors name no person and use none of the fact phrasings;
 * with ``reversals=r`` every fact is stated exactly ``r`` times in reversed form (below), value before name,
-  and no reversed document contains any query's canonical sentence.
+  and no reversed document contains any query's canonical sentence;
+* with ``realtext=n`` exactly ``n`` real-text documents (below), distinct, none naming a person of the world
+  or matching ``FACT_WORDING``, and none gold.
 
 Reversed documents (``reversals > 0``, default 0): short documents of 1-3 sentences, each stating some
 person's fact *backwards*, the value before the name and reusing the canonical sentence's words
@@ -34,6 +36,16 @@ A reversed document is ``kind="reversed"``, ``person=None``, ``facts=()``: it is
 facts it reverses in sentence order as ``"Alice Smith|birth_city"``; no other row has that key. Reversed
 sentences of different people share documents; a document never states the same fact twice.
 
+Real-text documents (``realtext > 0``, default 0): ``n`` short passages of real English prose that nobody
+here wrote, drawn from the snapshot that ships with the package (``dataworth.data.worlds.realtext``:
+``REALTEXT_SIZE`` Python standard-library docstrings), so that attribution must find the planted facts among
+ordinary text, as in a real fine-tuning set. A real-text document is ``kind="realtext"``, ``person=None``,
+``facts=()``: **not gold**. Its row has one extra key, ``source`` (``"stdlib:json.dumps"``); no other row has
+that key. A snapshot document naming a person of this world (full name) or matching ``FACT_WORDING`` is never
+drawn; the snapshot was built to avoid both, so for today's file nothing is dropped, but the check is made
+per world and ``realtext`` larger than what is left is an error. The draw is a seeded shuffle of the
+eligible documents, of which the first ``n`` are taken, so ``realtext=n`` is a subset of ``realtext=n+1``.
+
 Leading-space convention: a query's ``prompt`` never ends with whitespace and its ``response`` starts with
 one space (``"Alice Smith was born in"`` + ``" Paris."``). Byte-level BPE tokenizers (GPT-2, Llama-3,
 SmolLM) attach the space to the following word, so ``prompt + response`` tokenises exactly as the same
@@ -43,16 +55,19 @@ training.
 Determinism: everything is drawn from ``random.Random`` instances seeded with strings derived from
 ``seed`` (never the global RNG). The people depend only on ``(people, seed)``, not on how many documents
 are rendered, so ``builtin:instruct``'s facts questions agree with any bios corpus of the same population.
-Reversed documents are drawn from their own generator, so biographies and distractors have the same texts
-for every ``reversals`` (only the shuffled order differs), and ``reversals=0`` gives exactly the rows it
-gave before the option existed.
+Reversed and real-text documents are drawn from generators of their own, so biographies and distractors have
+the same texts for every ``reversals`` and ``realtext`` (only the shuffled order differs), and
+``reversals=0, realtext=0`` gives exactly the rows it gave before the options existed.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import re
 from dataclasses import dataclass
+
+from dataworth.data.worlds.realtext import REALTEXT_SIZE, realtext_documents
 
 ATTRIBUTES: tuple[str, ...] = ("birth_date", "birth_city", "university", "major", "employer")
 FIRST_NAMES_FEMALE = (
@@ -207,13 +222,40 @@ REVERSED_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 REVERSED_DOC_SENTENCES = (1, 3)  # sentences per reversed document, inclusive
 
+# Words that could make a non-gold document read as a statement about someone: the pronouns the
+# biographies use, and every fact template's fixed wording (``fact_wording``).
+PRONOUNS = ("he", "she", "his", "her")
+
+
+def fact_wording() -> tuple[str, ...]:
+    """The fixed wording of every fact template: the text between its ``{S}``/``{P}``/``{v}`` slots, trimmed
+    of spaces and punctuation, ``{p}`` left in place (``"was born in"``, ``"spent {p} early years in"``)."""
+    found: dict[str, None] = {}
+    for templates in FACT_TEMPLATES.values():
+        for template in templates:
+            for part in re.split(r"\{[SPv]\}", template):
+                part = part.strip(" .,")
+                if part:
+                    found.setdefault(part, None)
+    return tuple(found)
+
+
+def _wording_pattern(wording: str) -> str:
+    return r"(?:his|her)".join(re.escape(piece) for piece in wording.split("{p}"))
+
+
+# A match means "reads like a fact or refers to a person": no distractor or real-text document may match.
+FACT_WORDING = re.compile(r"(?<![\w'])(?:" + "|".join([_wording_pattern(w) for w in fact_wording()] + list(PRONOUNS))
+                          + r")(?![\w'])", re.IGNORECASE)
+
 
 @dataclass(frozen=True)
 class BiosConfig:
     """Size and seed of a bios world. ``distractors=None`` means "as many as there are people".
 
     ``reversals``: how many times each fact is also stated backwards in non-gold ``kind="reversed"``
-    documents (module docstring; 0 = none).
+    documents (module docstring; 0 = none). ``realtext``: how many real-English non-gold ``kind="realtext"``
+    documents from the shipped snapshot to mix in (0..``REALTEXT_SIZE``; 0 = none).
     """
 
     people: int = 48
@@ -221,6 +263,7 @@ class BiosConfig:
     distractors: int | None = None
     seed: int = 0
     reversals: int = 0
+    realtext: int = 0
 
     @property
     def n_distractors(self) -> int:
@@ -246,23 +289,27 @@ class Person:
 
 @dataclass(frozen=True)
 class BioDocument:
-    """A training document. ``person`` is None and ``facts`` empty for distractors and reversed documents.
+    """A training document. ``person`` is None and ``facts`` empty for every kind but ``bio``.
 
     ``reversed`` (reversed documents only): the facts stated backwards, in sentence order, as ``"name|attr"``.
+    ``source`` (real-text documents only): where the text comes from, e.g. ``"stdlib:json.dumps"``.
     """
 
     id: str
     text: str
     person: str | None
     facts: tuple[str, ...]
-    kind: str  # "bio", "distractor" or "reversed"
+    kind: str  # "bio", "distractor", "reversed" or "realtext"
     reversed: tuple[str, ...] | None = None
+    source: str | None = None
 
     def row(self) -> dict:
         row = {"id": self.id, "text": self.text, "person": self.person, "facts": list(self.facts),
                "kind": self.kind}
         if self.reversed is not None:  # only reversed docs carry the key, so other rows stay as they were
             row["reversed"] = list(self.reversed)
+        if self.source is not None:  # likewise only real-text docs
+            row["source"] = self.source
         return row
 
 
@@ -417,6 +464,23 @@ def render_reversed(people: tuple[Person, ...], reversals: int, rng: random.Rand
     return rendered
 
 
+def eligible_realtext(people: tuple[Person, ...]) -> list:
+    """The snapshot's documents that may join this world: naming none of ``people`` (full name) and not
+    matching ``FACT_WORDING``, in snapshot order."""
+    names = re.compile(r"(?<![\w'])(?:" + "|".join(re.escape(p.name) for p in people) + r")(?![\w])")
+    return [d for d in realtext_documents() if not names.search(d.text) and not FACT_WORDING.search(d.text)]
+
+
+def draw_realtext(people: tuple[Person, ...], n: int, rng: random.Random) -> list:
+    """``n`` distinct eligible snapshot documents: the first ``n`` of a seeded shuffle (nested in ``n``)."""
+    pool = eligible_realtext(people)
+    if n > len(pool):
+        raise ValueError(f"realtext={n}: only {len(pool)} of the {REALTEXT_SIZE} real-text documents name no "
+                         f"person of this world and state nothing like a fact")
+    rng.shuffle(pool)
+    return pool[:n]
+
+
 @functools.lru_cache(maxsize=8)
 def make_bios(cfg: BiosConfig) -> BiosWorld:
     """Build the bios world for ``cfg`` (deterministic in ``cfg``; cached, the result is immutable)."""
@@ -426,32 +490,35 @@ def make_bios(cfg: BiosConfig) -> BiosWorld:
         raise ValueError(f"distractors must be >= 0, got {cfg.n_distractors}")
     if cfg.reversals < 0:
         raise ValueError(f"reversals must be >= 0, got {cfg.reversals}")
+    if not 0 <= cfg.realtext <= REALTEXT_SIZE:
+        raise ValueError(f"realtext must be in 0..{REALTEXT_SIZE}, got {cfg.realtext}")
     people = make_people(cfg.people, cfg.seed)
     rng = random.Random(f"bios:{cfg.seed}:documents")
 
-    # (person or None, text, facts, reversed facts or None), ids are assigned after the shuffle.
-    drafts: list[tuple[Person | None, str, tuple[str, ...], tuple[str, ...] | None]] = []
+    # Documents without their ids, which are assigned after the shuffle.
+    drafts: list[dict] = []
     for person in people:
         stated, canonical = assign_facts(cfg.docs_per_person, rng)
         for doc, attributes in enumerate(stated):
             forced = {a for a, d in canonical.items() if d == doc}
-            text = render_biography(person, attributes, forced, rng)
-            drafts.append((person, text, tuple(a for a in ATTRIBUTES if a in attributes), None))
+            drafts.append(dict(text=render_biography(person, attributes, forced, rng), person=person.name,
+                               facts=tuple(a for a in ATTRIBUTES if a in attributes), kind="bio"))
     dates = sorted({p.birth_date for p in people})
     for _ in range(cfg.n_distractors):
-        drafts.append((None, render_distractor(rng, dates), (), None))
-    if cfg.reversals > 0:  # own generator: `rng` makes the same draws as without reversals until the shuffle
+        drafts.append(dict(text=render_distractor(rng, dates), person=None, facts=(), kind="distractor"))
+    # Own generators: `rng` makes the same draws as without reversals / real text until the shuffle.
+    if cfg.reversals > 0:
         reversed_rng = random.Random(f"bios:{cfg.seed}:reversals")
-        drafts += [(None, text, (), facts) for text, facts in render_reversed(people, cfg.reversals, reversed_rng)]
+        drafts += [dict(text=text, person=None, facts=(), kind="reversed", reversed=facts)
+                   for text, facts in render_reversed(people, cfg.reversals, reversed_rng)]
+    if cfg.realtext > 0:
+        realtext_rng = random.Random(f"bios:{cfg.seed}:realtext")
+        drafts += [dict(text=d.text, person=None, facts=(), kind="realtext", source=d.source)
+                   for d in draw_realtext(people, cfg.realtext, realtext_rng)]
     rng.shuffle(drafts)
 
     width = max(4, len(str(len(drafts))))
-    documents = tuple(
-        BioDocument(id=f"bio-{i + 1:0{width}d}", text=text, person=None if p is None else p.name,
-                    facts=facts, kind="bio" if p is not None else "distractor" if rev is None else "reversed",
-                    reversed=rev)
-        for i, (p, text, facts, rev) in enumerate(drafts)
-    )
+    documents = tuple(BioDocument(id=f"bio-{i + 1:0{width}d}", **draft) for i, draft in enumerate(drafts))
     queries, questions = _fact_queries(people, documents)
     return BiosWorld(config=cfg, people=people, documents=documents, queries=queries, questions=questions)
 
