@@ -16,6 +16,7 @@ from dataworth.evaluation.metrics import (
     noise_ceiling,
     ranks,
     removal_summary,
+    rival_metrics,
     subset_predictions,
     tail_patch,
     top_k_rows,
@@ -154,3 +155,19 @@ def test_mean_effect_averages_within_then_across_queries():
     assert mean_effect(effects, [[0, 2], [1]]) == pytest.approx((2.0 + 20.0) / 2)
     with pytest.raises(ValueError):
         mean_effect(effects, [[0], []])
+
+
+def test_rival_metrics_on_a_hand_computed_case():
+    # query 0: ranks by score: row3 (0.9) > row1 (0.5) > row0 (0.2) > row2 (-0.1); gold {0, 2}; rivals {1, 3}
+    # query 1: ranks: row0 (1.0) > row2 (0.0) = row3 (0.0, later row) > row1 (-2); gold {0}; no rivals
+    scores = np.array([[0.2, 0.5, -0.1, 0.9], [1.0, -2.0, 0.0, 0.0]])
+    got = rival_metrics(scores, [[0, 2], [0]], [[1, 3], []], k=2)
+    assert got == {"rivals@2": (2 / 2 + 0) / 2, "rivals_above_gold": (2 / 2 + 0) / 2,
+                   "gold_negative": (1 / 2 + 0) / 2}
+    # k larger than the rivals: the share is of k
+    assert rival_metrics(scores, [[0, 2], [0]], [[1, 3], []], k=4)["rivals@4"] == (2 / 4) / 2
+
+
+def test_rival_metrics_refuse_a_row_that_is_gold_and_rival():
+    with pytest.raises(ValueError, match="both gold and rivals"):
+        rival_metrics(np.zeros((1, 3)), [[0]], [[0, 1]])

@@ -411,6 +411,29 @@ def without_end_token(row: Encoded, tokenizer) -> Encoded:
     return row
 
 
+def value_only(row: Encoded, tokenizer, value: str) -> Encoded | None:
+    """``row`` measuring only the tokens of ``value`` inside its targets (the last occurrence), e.g. only
+    ``" Paris"`` of the answer ``"Alice Smith was born in Paris."``; ``None`` when the targets do not
+    contain ``value``'s tokens (tried with and without a leading space, as byte-level BPE attaches it).
+
+    Why: a whole-sentence answer shares its template tokens ("… was born in …") with every document in
+    that template; attributing the value alone asks what taught the model *the fact*.
+    """
+    targets = [i for i, m in enumerate(row.loss_mask) if m and i > 0]
+    ids = row.input_ids
+    for variant in (" " + value.strip(), value.strip()):
+        pattern = list(tokenizer(variant, add_special_tokens=False)["input_ids"])
+        if not pattern:
+            continue
+        wanted = set(targets)
+        for start in range(len(ids) - len(pattern), 0, -1):
+            span = range(start, start + len(pattern))
+            if ids[start:start + len(pattern)] == pattern and all(i in wanted for i in span):
+                mask = [1 if i in span else 0 for i in range(len(ids))]
+                return Encoded(row.id, row.input_ids, mask, row.truncated)
+    return None
+
+
 # What a retrain measures per query: the response tokens, or the response plus its appended end token.
 MEASURES = ("answer", "answer+end")
 

@@ -202,3 +202,37 @@ def tail_patch(scores: np.ndarray, effects: np.ndarray, k: int) -> float:
     if scores.shape != effects.shape:
         raise ValueError(f"scores {scores.shape} and effects {effects.shape} must both be [Q, N]")
     return mean_effect(effects, top_k_rows(scores, k))
+
+
+def rival_metrics(scores: np.ndarray, gold: Sequence[Sequence[int]], rivals: Sequence[Sequence[int]],
+                  k: int = 10) -> dict:
+    """How much *rivals* — documents stating the same kind of fact about someone else (same template, other
+    person) — crowd out the gold documents, and how often gold documents count as harmful.
+
+    ``scores`` ``[Q, N]``; ``gold[q]`` / ``rivals[q]``: row positions (gold non-empty; rivals may be empty
+    and never overlap gold). Returns, as means over queries (a query without rivals counts 0 for the
+    rival figures):
+
+    - ``rivals@k``: share of the top-``k`` rows (ties by row order) that are rivals;
+    - ``rivals_above_gold``: share of the query's rivals ranked above its best-ranked gold row;
+    - ``gold_negative``: share of the (query, gold row) pairs with a score below 0 ("hurts").
+
+    Grosse et al. 2023 ("Studying Large Language Model Generalization with Influence Functions") saw LLM
+    influence follow surface templates; these figures say how much it does here.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    q_ranks = ranks(scores)
+    gold_l = row_lists(gold, scores.shape[0], "gold")
+    rival_l = [np.asarray(r, dtype=np.int64) for r in rivals]
+    if len(rival_l) != scores.shape[0]:
+        raise ValueError(f"rivals: expected {scores.shape[0]} lists, got {len(rival_l)}")
+    top_share, above, negative = [], [], []
+    for q, (g, r) in enumerate(zip(gold_l, rival_l)):
+        if np.intersect1d(g, r).size:
+            raise ValueError(f"query {q}: rows {np.intersect1d(g, r)[:3].tolist()} are both gold and rivals")
+        best_gold = q_ranks[q, g].min()
+        top_share.append(np.count_nonzero(q_ranks[q, r] <= k) / k if r.size else 0.0)
+        above.append(np.count_nonzero(q_ranks[q, r] < best_gold) / r.size if r.size else 0.0)
+        negative.append(np.count_nonzero(scores[q, g] < 0) / g.size)
+    return {f"rivals@{k}": float(np.mean(top_share)), "rivals_above_gold": float(np.mean(above)),
+            "gold_negative": float(np.mean(negative))}
