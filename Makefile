@@ -7,8 +7,9 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.dataworth-installed
 OUT ?= demo_out
+LLM_OUT ?= demo_llm_out
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo demo-llm test test-slow bench install clean
 
 install: $(STAMP)
 
@@ -29,6 +30,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dataworth demo --out $(OUT)
 
+# The same pipeline on a real pretrained instruct LLM (SmolLM2-135M-Instruct, CPU, ~15-20 min on 2 cores).
+demo-llm: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dataworth demo --model smollm2 --out $(LLM_OUT)
+
 # pytest exits 5 when no test is collected; that is not a failure of the suite.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
@@ -40,4 +45,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/extract_throughput.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(OUT) $(LLM_OUT) .pytest_cache

@@ -1,0 +1,171 @@
+"""Facts over templates, and which gradients, on the outputs of `dataworth demo --model smollm2` (issue 17).
+
+    .venv/bin/python benchmarks/llm_facts.py demo_llm_out [--json FILE] [--lora]
+
+One table, every row on the same fine-tuned model, store, queries and one-step effects:
+
+- scoring: curvature (raw, ekfac) × mode (dot, cosine = unit-normalised after preconditioning, relative);
+- what the query measures: ``answer`` (the whole generated answer, the default), ``value`` (only the
+  value's tokens, `data.encode.value_only`), ``contrast`` (the answer's gradient minus that of the same
+  answer about another person — a template-matched baseline query, so what the template and the value's
+  prior contribute cancels);
+- gradients (``--lora``): LoGra of the merged model's MLP weights (the demo's store) vs LoGra of the LoRA
+  adapters' weights (lora_A / lora_B of every layer, the unmerged adapter model) vs both (scores summed
+  after each is unit-normalised per query);
+- baselines: BM25, representation similarity (cosine of mean final hidden states).
+
+Columns: recall@1/10 and MRR of the gold biographies; ``rivals@10`` (share of the top 10 that are other
+people's documents stating the same attribute), ``rivals_above_gold`` and ``gold_negative``
+(`evaluation.metrics.rival_metrics`); ``tail-patch@10`` on the answer and on the value (one more AdamW step on
+the unmerged adapter from its final state, at the last epoch's mean learning rate; effects computed once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dataworth.data.encode import encode_rows, value_only, without_end_token
+from dataworth.data.rows import load_rows
+from dataworth.evaluation.baselines import bm25_scores, representation_similarity
+from dataworth.evaluation.effects import one_step_effects
+from dataworth.evaluation.facts import gold_positions
+from dataworth.evaluation.metrics import fact_tracing_metrics, rival_metrics, tail_patch
+from dataworth.gradients.extract import ExtractConfig, extract
+from dataworth.gradients.queries import query_gradients
+from dataworth.influence.curvature import ensure_curvature
+from dataworth.influence.scores import score_rows
+from dataworth.model.load import load_model
+from dataworth.store.reader import open_store
+from dataworth.util import pad_token_id, say
+
+
+def rival_positions(queries, train_rows) -> list[list[int]]:
+    """Rows stating the query's attribute about someone else (biographies and worked questions)."""
+    out = []
+    for q in queries:
+        out.append([i for i, r in enumerate(train_rows) if r.data.get("person") not in (None, q.data["person"])
+                    and q.data["attribute"] in (r.data.get("facts") or [])])
+    return out
+
+
+def contrast_rows(queries, train_rows) -> list:
+    """Each query with its person's name replaced by another person's: same template, same value."""
+    from dataworth.data.rows import Row
+
+    people = sorted({r.data["person"] for r in train_rows if r.data.get("person")})
+    out = []
+    for q in queries:
+        other = next(p for p in people if p != q.data["person"])
+        data = dict(q.data, prompt=q.data["prompt"].replace(q.data["person"], other),
+                    response=q.data["response"].replace(q.data["person"], other))
+        out.append(Row(id=q.id + "-contrast", kind="prompt_response", data=data, source=q.source))
+    return out
+
+
+def unit(m: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(m, axis=1, keepdims=True)
+    return m / np.where(n > 0, n, 1.0)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--lora", action="store_true", help="also extract and compare LoRA-adapter gradients")
+    args = parser.parse_args(argv)
+    out = args.out
+    store = open_store(out / "store")
+    merged = load_model(str(out / "model"), device="cpu")
+    adapter = load_model(str(out / "model" / "adapter"), device="cpu")
+    tok = merged.tokenizer
+    queries = load_rows(out / "queries.jsonl")
+    train_rows = load_rows(out / "train.jsonl")
+    ids = [q.id for q in queries]
+    gold = gold_positions(queries, store.ids)
+    rivals = rival_positions(queries, train_rows)
+    max_length = store.manifest["config"].get("max_length")
+
+    answer = [without_end_token(e, tok) for e in encode_rows(queries, tok, max_length=max_length)[0]]
+    value = [value_only(e, tok, q.data["value"]) or e for e, q in zip(answer, queries)]
+    baseline = [without_end_token(e, tok) for e in encode_rows(contrast_rows(queries, train_rows), tok,
+                                                                max_length=max_length)[0]]
+    train_encoded = encode_rows(train_rows, tok, max_length=max_length)[0]
+
+    started, cpu = time.perf_counter(), time.process_time()
+    say(f"one-step effects of {len(train_encoded)} rows on {len(queries)} answers and values (adapter model)")
+    effects = one_step_effects(adapter.model, tok, train_encoded, answer + value, optimizer_dir=out / "model",
+                               progress=True)
+    eff_answer, eff_value = effects[: len(queries)], effects[len(queries):]
+    say(f"effects: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu:.0f} CPU s")
+
+    table: list[dict] = []
+
+    def add(method: str, scores: np.ndarray, seconds: float = 0.0) -> None:
+        row = {"method": method, **fact_tracing_metrics(scores, gold, ks=(1, 10)), **rival_metrics(scores, gold, rivals),
+               "tail-patch@10": tail_patch(scores, eff_answer, 10), "tail-patch@10 (value)": tail_patch(scores, eff_value, 10),
+               "seconds": round(seconds, 1)}
+        table.append(row)
+        say(json.dumps(row))
+
+    measured = {"answer": answer, "value": value}
+    grads = {name: query_gradients(store, merged.model, tok, rows) for name, rows in measured.items()}
+    grads["contrast"] = grads["answer"] - query_gradients(store, merged.model, tok, baseline)
+    best: dict[str, np.ndarray] = {}
+    for kind in ("raw", "ekfac"):
+        curv = ensure_curvature(store.path, kind)
+        for measure, q_rows in grads.items():
+            for mode in ("dot", "cosine", "relative"):
+                t = time.perf_counter()
+                scores = np.asarray(score_rows(store, q_rows, ids, curv, mode=mode, top_k=10, full=True).matrix)
+                add(f"{kind}/{mode} · {measure}", scores, time.perf_counter() - t)
+                if mode == "cosine" and kind == "ekfac":
+                    best[measure] = scores
+
+    if args.lora:
+        lora_store = out / "store_lora"
+        extract(ExtractConfig(model=str(out / "model" / "adapter"), data=str(out / "train.jsonl"), out=str(lora_store),
+                              modules=r"lora_[AB]", projection="random", rank_in=64, rank_out=64, dtype="float16",
+                              device="cpu", shard_rows=64, max_length=max_length))
+        lstore = open_store(lora_store)
+        curv = ensure_curvature(lora_store, "ekfac")
+        for measure, rows in measured.items():
+            q_rows = query_gradients(lstore, adapter.model, tok, rows)
+            scores = np.asarray(score_rows(lstore, q_rows, ids, curv, mode="cosine", top_k=10, full=True).matrix)
+            add(f"LoRA-adapter LoGra-64 ekfac/cosine · {measure}", scores)
+            add(f"both (MLP + LoRA) ekfac/cosine · {measure}", unit(scores) + unit(best[measure]))
+
+    documents = [r.text if r.kind == "text" else "\n".join(m["content"] for m in r.messages) for r in train_rows]
+    add("BM25 (prompt+response)", bm25_scores(documents, [q.data["prompt"] + " " + q.data["response"] for q in queries]))
+    add("representation similarity", representation_similarity(merged.model, train_encoded, answer, pad_token_id(tok)))
+    gold_scores = np.zeros_like(eff_answer)
+    for q, rows in enumerate(gold):
+        gold_scores[q, rows] = 1.0
+    add("gold documents", gold_scores)
+    add("one-step oracle (answer)", eff_answer)
+    result = {"table": table, "queries": len(queries), "rows": len(train_rows),
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(markdown(table))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def markdown(table: list[dict]) -> str:
+    cols = ["method", "recall@1", "recall@10", "mrr", "rivals@10", "rivals_above_gold", "gold_negative",
+            "tail-patch@10", "tail-patch@10 (value)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in table:
+        cells = [row["method"]] + [f"{row[c]:+.4f}" if c.startswith("tail") else f"{row[c]:.3f}" for c in cols[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
