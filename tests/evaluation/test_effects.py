@@ -1,4 +1,4 @@
-"""`retrain.one_step_effects` (the ground truth of tail-patch) against steps made by hand on a copy of the model:
+"""`evaluation.effects.one_step_effects` (the ground truth of tail-patch) against steps made by hand on a copy of the model:
 torch's own AdamW step (past momentum zeroed, no weight decay) and plain SGD; θ restored bit for bit."""
 
 from __future__ import annotations
@@ -164,15 +164,100 @@ def test_missing_optimizer_state_or_entry_and_no_lr_are_refused(tiny_llama, tiny
     head.grad = torch.ones_like(head)
     opt.step()
     save_optimizer_state(opt, model, tmp_path)
+    every = [name for name, _ in model.named_parameters()]
     with pytest.raises(InputError, match="no entry for model.embed_tokens.weight"):
-        one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=tmp_path)
-    # eval facts leaves the tail-patch out for such a state (e.g. a merged LoRA model's adapter state)
+        one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=tmp_path, params=every)
+    # by default the step touches what the state holds (what training stepped), here the head alone
+    # (behaviour change: it used to step every parameter with requires_grad and refuse this state)
+    default = one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=tmp_path)
+    head_only = one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=tmp_path, params=["lm_head.weight"])
+    assert np.array_equal(default, head_only) and np.abs(default).max() > 0
     from dataworth.model.optimizer import state_covers as _state_covers
 
     assert not _state_covers(model, tmp_path)
     model.requires_grad_(False)
     head.requires_grad_(True)
     assert _state_covers(model, tmp_path)
+
+
+def _write_state(ckpt, *, last_lr, avg_lr=None, peak_lr=None, trainer_state=True):
+    import json
+
+    from dataworth.model.optimizer import (
+        OPTIMIZER_JSON,
+        OPTIMIZER_TENSORS,
+        TRAINER_STATE,
+    )
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / OPTIMIZER_TENSORS).write_bytes(b"")  # step_size reads the JSON files only
+    (ckpt / OPTIMIZER_JSON).write_text(json.dumps({"kind": "adamw", "lr": last_lr, "params": []}))
+    if trainer_state:
+        state = {"epoch": 4, "avg_lr": avg_lr, "schedule": {"peak_lr": peak_lr}}
+        (ckpt / TRAINER_STATE).write_text(json.dumps(state))
+    return ckpt
+
+
+def test_step_size_is_the_final_epochs_mean_lr_then_the_peak_then_the_last_lr(tmp_path):
+    """A schedule that decays to 0 leaves lr 0 in optimizer.json: the step is η̄ (avg_lr), said so."""
+    from dataworth.evaluation.effects import step_size
+
+    eta = step_size(_write_state(tmp_path / "a", last_lr=0.0, avg_lr=1.5e-4, peak_lr=2e-4))
+    assert eta.lr == 1.5e-4 and "avg_lr" in eta.source and "epoch 4" in eta.source
+    eta = step_size(_write_state(tmp_path / "b", last_lr=0.0, avg_lr=0.0, peak_lr=2e-4))
+    assert eta.lr == 2e-4 and "peak" in eta.source
+    eta = step_size(_write_state(tmp_path / "c", last_lr=3e-5, trainer_state=False))
+    assert eta.lr == 3e-5 and "optimizer.json lr" in eta.source
+    # a model directory resolves to its last checkpoint
+    _write_state(tmp_path / "m" / "checkpoints" / "epoch-2", last_lr=0.0, avg_lr=7e-4)
+    assert step_size(tmp_path / "m").lr == 7e-4
+    with pytest.raises(InputError, match="no positive learning rate"):
+        step_size(_write_state(tmp_path / "d", last_lr=0.0, avg_lr=0.0, peak_lr=0.0))
+    assert step_size(tmp_path / "d", lr=5e-4) == type(eta)(5e-4, "given")  # an explicit lr overrides
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), float("inf")])
+def test_a_zero_or_non_finite_step_is_refused(trained, tiny_tokenizer, rows, lr):
+    model, ckpt = trained
+    train, queries = rows
+    with pytest.raises(InputError, match="tail-patch lr: must be a finite number > 0"):
+        one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=ckpt, lr=lr)
+    with pytest.raises(InputError, match="tail-patch lr"):
+        one_step_effects(model, tiny_tokenizer, train, queries, lr=lr)
+
+
+def test_pair_restricted_effects_equal_the_full_matrix_entries_and_skip_unneeded_rows(trained, tiny_tokenizer, rows):
+    """Only the asked entries are measured (NaN elsewhere), each equal to the full matrix's to round-off (float64);
+    a row no pair needs is never stepped (counted: forwards with autograd on are the rows' backward passes)."""
+    model, ckpt = trained
+    train, queries = rows
+    full = one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=ckpt)
+    mask = np.array([[True, False, False], [False, False, False], [True, True, False]])  # row 2 needed by none
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    try:
+        got = one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=ckpt, pairs=mask, batch_size=1)
+    finally:
+        hook.remove()
+    assert sum(calls) == 2  # rows 0 and 1 stepped, row 2 not
+    assert np.isnan(got[~mask]).all()
+    np.testing.assert_allclose(got[mask], full[mask], rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="bool mask"):
+        one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=ckpt, pairs=mask[:2])
+
+
+def test_pair_restricted_effects_restore_weights_and_grad_flags(tiny_llama, tiny_tokenizer, rows, trained):
+    _, ckpt = trained
+    train, queries = rows
+    model = copy.deepcopy(tiny_llama).float().eval()
+    model.requires_grad_(False)  # as an adapter loaded for inference: the state's parameters are stepped anyway
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = np.zeros((len(queries), len(train)), dtype=bool)
+    mask[1, 0] = mask[2, 2] = True
+    got = one_step_effects(model, tiny_tokenizer, train, queries, optimizer_dir=ckpt, pairs=mask)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert np.isfinite(got[mask]).all() and np.abs(got[mask]).max() > 0
 
 
 def test_final_optimizer_dir_is_the_last_epoch_checkpoint_with_state(tmp_path):

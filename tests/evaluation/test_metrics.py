@@ -17,6 +17,8 @@ from dataworth.evaluation.metrics import (
     ranks,
     removal_summary,
     rival_metrics,
+    sample_pairs,
+    sampled_mean_effect,
     subset_predictions,
     tail_patch,
     top_k_rows,
@@ -141,6 +143,57 @@ def test_tail_patch_hand_computed_with_ties_by_row_order():
     assert tail_patch(scores, effects, 1) == pytest.approx(-0.5)
     # the effects as scores give the largest possible value (the one-step oracle)
     assert tail_patch(effects, effects, 2) == pytest.approx(((100 + 7) / 2 + (6 + 5) / 2) / 2)
+
+
+def _population(seed: int = 0):
+    """Effects [6, 40] and per-query row lists of unequal sizes (10 rows, or 2-3 like bios gold rows)."""
+    rng = np.random.default_rng(seed)
+    effects = rng.standard_t(3, size=(6, 40)) * 0.1 + rng.normal(size=(6, 1))
+    rows = [rng.choice(40, size=10 if q % 2 else 2 + q % 3, replace=False).tolist() for q in range(6)]
+    return effects, rows
+
+
+def test_sampled_mean_effect_hand_computed():
+    """U = {(0,0), (0,1), (1,2)}, w = 1/4, 1/4, 1/2; sample {(0,0), (1,2)}: y = 1/4·2, 1/2·6 = 0.5, 3;
+    T̂ = 3/2 · 3.5 = 5.25; Var = 9 · (1 − 2/3) · s²/2 with s² = (3 − 0.5)²/2 = 3.125 → 4.6875."""
+    from scipy.stats import t
+
+    effects = np.array([[2.0, 4.0, 0.0], [0.0, 0.0, 6.0]])
+    estimate, half = sampled_mean_effect(effects, [[0, 1], [2]], np.array([[0, 0], [1, 2]]))
+    assert estimate == pytest.approx(5.25)
+    assert half == pytest.approx(t.ppf(0.975, 1) * np.sqrt(4.6875))
+    # the whole population: the exact mean, no interval
+    assert sampled_mean_effect(effects, [[0, 1], [2]], np.array([[0, 0], [0, 1], [1, 2]])) == (
+        pytest.approx(mean_effect(effects, [[0, 1], [2]])), 0.0)
+
+
+def test_sampled_interval_covers_the_exact_mean_about_95_percent_of_the_time():
+    effects, rows = _population()
+    exact = mean_effect(effects, rows)
+    unmeasured = np.full_like(effects, np.nan)  # only the sampled entries may be read
+    hits = []
+    for seed in range(400):
+        pairs = sample_pairs(rows, 14, seed)
+        assert len(pairs) == 14 and len({tuple(p) for p in pairs}) == 14
+        view = unmeasured.copy()
+        view[pairs[:, 0], pairs[:, 1]] = effects[pairs[:, 0], pairs[:, 1]]
+        estimate, half = sampled_mean_effect(view, rows, pairs)
+        hits.append(abs(estimate - exact) <= half)
+    assert 0.90 <= np.mean(hits) <= 0.99, np.mean(hits)
+    # seeded: the same pairs again; more pairs than the population: all of it
+    assert np.array_equal(sample_pairs(rows, 14, 3), sample_pairs(rows, 14, 3))
+    assert len(sample_pairs(rows, 10_000, 0)) == sum(len(r) for r in rows)
+
+
+def test_sampled_mean_effect_refuses_pairs_outside_the_population_and_repeats():
+    effects, rows = _population()
+    outside = next(n for n in range(40) if n not in rows[0])
+    with pytest.raises(ValueError, match="distinct"):
+        sampled_mean_effect(effects, rows, np.array([[0, rows[0][0]], [0, outside]]))
+    with pytest.raises(ValueError, match="distinct"):
+        sampled_mean_effect(effects, rows, np.array([[0, rows[0][0]], [0, rows[0][0]]]))
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_pairs(rows, 1, 0)
 
 
 def test_tail_patch_refuses_mismatched_shapes_and_bad_k():

@@ -170,10 +170,25 @@ def brittleness_command(data, queries, preset, epochs, alpha, subsets, replicate
 @click.option("--curvature", "curvatures", multiple=True, help="Repeatable [none, ekfac].")
 @click.option("--mode", "modes", multiple=True, help="Repeatable [dot, cosine].")
 @click.option("--modules", default="all", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the projection and of --tail-patch-sample.")
+@click.option("--tail-patch", "tail_patch", type=click.Choice(["auto", "full", "needed", "off"]), default="auto",
+              show_default=True,
+              help="One-step effects measured: the (query, row) pairs the figures need, the full matrix (adds the "
+                   "one-step oracle row), auto (full when cheap), or none.")
+@click.option("--tail-patch-lr", type=float, default=None,
+              help="Step size η of the one more step [the final epoch's mean lr η̄ from trainer_state.json].")
+@click.option("--tail-patch-sample", type=int, default=None,
+              help="Measure a seeded sample of this many pairs per table row; prints the 95% interval (±).")
+@click.option("--effects-model", default=None,
+              help="The model the optimizer state belongs to, stepped for tail-patch [--model, or the unmerged "
+                   "adapter of a merged LoRA model].")
 @_options(_JSON, _QUIET)
-def facts_command(model, data, queries, out_dir, projection, rank, curvatures, modes, modules, json_path, quiet):
+def facts_command(model, data, queries, out_dir, projection, rank, curvatures, modes, modules, seed, tail_patch,
+                  tail_patch_lr, tail_patch_sample, effects_model, json_path, quiet):
     """Fact tracing on builtin:bios: recall@1, recall@10, strict recall@10 and MRR of the gold documents
-    (1-based ranks, ties by row order), one row per curvature/mode, with BM25 as the baseline.
+    (1-based ranks, ties by row order), one row per curvature/mode, with BM25 as the baseline; and, for a
+    `dataworth train` model with its optimizer state, tail-patch@10 (nats one more step on a top-10 document
+    adds to log p(answer); the step size used is printed under the table).
 
     \b
     Example:
@@ -184,7 +199,8 @@ def facts_command(model, data, queries, out_dir, projection, rank, curvatures, m
 
     table = eval_facts(model, data, queries or auto_queries(data), out_dir, projection=projection, rank=rank,
                        curvatures=curvatures or ("none", "ekfac"), modes=modes or ("dot", "cosine"), modules=modules,
-                       progress=not quiet)
+                       seed=seed, progress=not quiet, effects_model=effects_model, tail_patch=tail_patch,
+                       tail_patch_lr=tail_patch_lr, tail_patch_sample=tail_patch_sample)
     click.echo(format_table(table))
     if json_path:
         first = table[0]

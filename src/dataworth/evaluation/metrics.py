@@ -236,3 +236,50 @@ def rival_metrics(scores: np.ndarray, gold: Sequence[Sequence[int]], rivals: Seq
         negative.append(np.count_nonzero(scores[q, g] < 0) / g.size)
     return {f"rivals@{k}": float(np.mean(top_share)), "rivals_above_gold": float(np.mean(above)),
             "gold_negative": float(np.mean(negative))}
+
+
+def sample_pairs(rows: Sequence[Sequence[int]], n_pairs: int, seed: int | Sequence[int]) -> np.ndarray:
+    """``[S, 2]`` int64 ``(query, row)`` pairs drawn uniformly without replacement from the population
+    ``U = {(q, n) : n ∈ rows[q]}`` (``numpy.random.default_rng(seed)``), in population order;
+    ``S = min(n_pairs, |U|)`` — all of ``U`` when it is that small.
+    """
+    population = np.array([(q, int(n)) for q, chosen in enumerate(rows) for n in chosen], dtype=np.int64)
+    if n_pairs < 2:
+        raise ValueError(f"a sample needs at least 2 pairs (for its variance), got {n_pairs}")
+    if n_pairs >= len(population):
+        return population
+    keep = np.random.default_rng(seed).choice(len(population), size=n_pairs, replace=False)
+    return population[np.sort(keep)]
+
+
+def sampled_mean_effect(effects: np.ndarray, rows: Sequence[Sequence[int]], pairs: np.ndarray,
+                        confidence: float = 0.95) -> tuple[float, float]:
+    """``(estimate, half_width)`` of ``mean_effect(effects, rows)`` from the measured ``pairs`` alone.
+
+    ``mean_effect = Σ_{i ∈ U} w_i e_i`` over ``U = {(q, n) : n ∈ rows[q]}`` with ``w_i = 1 / (Q·|rows[q]|)``.
+    ``pairs [S, 2]`` is a uniform sample of ``U`` without replacement (`sample_pairs`); with ``y_i = w_i e_i``::
+
+        T̂ = |U|/S · Σ_{i ∈ s} y_i        Var(T̂) ≈ |U|² (1 − S/|U|) s²_y / S     (s²_y: sample variance, ddof 1)
+
+    (Horvitz–Thompson for equal inclusion probabilities, with the finite-population correction), and the
+    half-width is ``t_{(1+confidence)/2, S−1} · √Var``: 0 when the sample is all of ``U`` (then ``T̂`` is exact).
+    Only ``effects`` at ``pairs`` are read (the rest may be NaN).
+    """
+    from scipy.stats import t as student_t
+
+    effects = np.atleast_2d(np.asarray(effects, dtype=np.float64))
+    chosen = row_lists(rows, effects.shape[0], "chosen")
+    weight = {(q, int(n)): 1.0 / (len(chosen) * len(c)) for q, c in enumerate(chosen) for n in c}
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    keys = [(int(q), int(n)) for q, n in pairs]
+    if len(set(keys)) != len(keys) or any(k not in weight for k in keys):
+        raise ValueError("pairs must be distinct (query, row) pairs of the population rows defines")
+    if len(keys) < 2:
+        raise ValueError(f"a sample needs at least 2 pairs, got {len(keys)}")
+    y = np.array([weight[k] for k in keys]) * effects[pairs[:, 0], pairs[:, 1]]
+    size, n = len(weight), len(y)
+    estimate = size / n * float(y.sum())
+    if n == size:
+        return estimate, 0.0
+    variance = size ** 2 * (1 - n / size) * float(y.var(ddof=1)) / n
+    return estimate, float(student_t.ppf((1 + confidence) / 2, n - 1) * np.sqrt(variance))

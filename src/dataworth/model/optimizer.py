@@ -111,9 +111,15 @@ def final_optimizer_dir(model_dir: str | os.PathLike) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def saved_parameters(optimizer_dir: str | os.PathLike) -> list[str]:
+    """Names of the parameters a checkpoint's optimizer state holds (``optimizer.json`` ``params``, optimizer
+    order): the parameters its training run stepped."""
+    return list(json.loads((Path(optimizer_dir) / OPTIMIZER_JSON).read_text()).get("params", []))
+
+
 def state_covers(model: torch.nn.Module, optimizer_dir: Path) -> bool:
     """Whether the saved optimizer state (``optimizer.json`` ``params``) names every trainable parameter."""
-    saved = set(json.loads((Path(optimizer_dir) / OPTIMIZER_JSON).read_text()).get("params", []))
+    saved = set(saved_parameters(optimizer_dir))
     return all(name in saved for name, p in model.named_parameters() if p.requires_grad)
 
 
