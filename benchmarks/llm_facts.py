@@ -35,7 +35,7 @@ from dataworth.data.encode import encode_rows, value_only, without_end_token
 from dataworth.data.rows import load_rows
 from dataworth.evaluation.baselines import bm25_scores, representation_similarity
 from dataworth.evaluation.effects import one_step_effects
-from dataworth.evaluation.facts import gold_positions
+from dataworth.evaluation.facts import gold_positions, rival_positions
 from dataworth.evaluation.metrics import fact_tracing_metrics, rival_metrics, tail_patch
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.gradients.queries import query_gradients
@@ -44,15 +44,6 @@ from dataworth.influence.scores import score_rows
 from dataworth.model.load import load_model
 from dataworth.store.reader import open_store
 from dataworth.util import pad_token_id, say
-
-
-def rival_positions(queries, train_rows) -> list[list[int]]:
-    """Rows stating the query's attribute about someone else (biographies and worked questions)."""
-    out = []
-    for q in queries:
-        out.append([i for i, r in enumerate(train_rows) if r.data.get("person") not in (None, q.data["person"])
-                    and q.data["attribute"] in (r.data.get("facts") or [])])
-    return out
 
 
 def contrast_rows(queries, train_rows) -> list:

@@ -58,7 +58,10 @@ def test_llm_demo_runs_every_stage_and_traces_held_out_questions_to_their_biogra
         assert (out / rel).exists(), rel
     assert llm_demo.report is not None and llm_demo.report.exists()
     methods = {row["method"] for row in llm_demo.table}
-    assert {"raw/cosine", "raw/dot", "ekfac/cosine", "ekfac/dot", "BM25 (prompt+response)"} <= methods
+    assert {"raw/cosine", "raw/dot", "ekfac/cosine", "ekfac/dot", "BM25 (prompt+response)", "gold documents"} <= methods
+    for row in llm_demo.table:  # tail-patch stepped the unmerged adapter at the last epoch's mean lr
+        assert row["tail-patch lr"] > 0 and "avg_lr" in row["tail-patch lr from"], row
+        assert {"tail-patch@10", "rivals@10", "rivals_above_gold", "gold_negative"} <= set(row), row
     manifest = json.loads((out / "store/manifest.json").read_text())
     assert all("mlp" in m["name"] for m in manifest["modules"])
     assert manifest["config"]["text_format"] == {"start": ["<|endoftext|>"], "end": ["<|endoftext|>"]}

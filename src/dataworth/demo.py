@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dataworth.data.rows import load_rows
 from dataworth.errors import InputError
-from dataworth.evaluation.facts import fact_tracing_table
+from dataworth.evaluation.facts import effects_model_for, fact_tracing_table, rival_positions
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.influence.curvature import ensure_curvature
 from dataworth.influence.score import score
@@ -187,6 +187,9 @@ class LLMDemoConfig:
     seed: int = 0
     threads: int | None = None
     trace_all: bool = False  # trace every held-out question, not only those whose answer names the value
+    # tail-patch effects: "needed" steps only the rows some method's top 10 (or the gold) holds — the full
+    # [Q, N] matrix (for the one-step oracle row) costs ~3x more at 135M (evaluation.facts)
+    tail_patch: str = "needed"
 
     def __post_init__(self) -> None:
         if self.model not in LLM_MODELS and not (Path(self.model).is_dir() or self.model.endswith(".gguf")):
@@ -278,8 +281,12 @@ def run_llm_demo(config: LLMDemoConfig = LLMDemoConfig()) -> DemoResult:
         loaded = load_model(str(model_dir), device="cpu")
         query_rows = load_rows(queries_path)
         documents = [_row_text(r) for r in train_rows]
+        optimizer_dir, stepper = effects_model_for(str(model_dir), loaded.model)
         table = fact_tracing_table(open_store(store_dir), loaded.model, loaded.tokenizer, query_rows,
-                                   config.curvatures, config.modes, documents, train_rows=train_rows)
+                                   config.curvatures, config.modes, documents, train_rows=train_rows,
+                                   optimizer_dir=optimizer_dir, effects_model=stepper, seed=config.seed,
+                                   tail_patch=config.tail_patch, rivals=rival_positions(query_rows, train_rows),
+                                   progress=True)
         seconds["fit+trace"] = time.perf_counter() - t
 
         t = time.perf_counter()

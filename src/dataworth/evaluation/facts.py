@@ -37,6 +37,7 @@ from dataworth.evaluation.effects import (
 from dataworth.evaluation.metrics import (
     fact_tracing_metrics,
     mean_effect,
+    rival_metrics,
     sample_pairs,
     sampled_mean_effect,
     top_k_rows,
@@ -61,6 +62,15 @@ def gold_positions(queries, train_ids: list[str]) -> list[list[int]]:
             raise InputError(f"query {q.id}: gold documents {missing[:3]} are not in the store")
         out.append([where[g] for g in q.data["gold"]])
     return out
+
+
+def rival_positions(queries, train_rows) -> list[list[int]]:
+    """Row positions (in ``train_rows`` order) of each query's *rivals*: rows whose ``person`` is someone else
+    and whose ``facts`` list the query's ``attribute`` — the same kind of fact, in the same templates, about
+    another person (`evaluation.metrics.rival_metrics`)."""
+    return [[i for i, r in enumerate(train_rows)
+             if r.data.get("person") not in (None, q.data["person"]) and q.data["attribute"] in (r.data.get("facts") or [])]
+            for q in queries]
 
 
 TAIL_PATCH_K = 10
@@ -91,8 +101,11 @@ class TailPatchEffects:
 def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, documents, *, train_rows=None,
                        optimizer_dir=None, effects_model=None, tail_patch: str = "auto",
                        tail_patch_lr: float | None = None, tail_patch_sample: int | None = None, seed: int = 0,
-                       progress: bool = False) -> list[dict]:
+                       rivals=None, progress: bool = False) -> list[dict]:
     """recall@1 / recall@10 / MRR for each (curvature, mode) on the bios fact queries, plus BM25.
+
+    ``rivals`` (row positions per query: documents stating the same attribute about someone else): every row
+    also gets `evaluation.metrics.rival_metrics` (``rivals@10``, ``rivals_above_gold``, ``gold_negative``).
 
     With ``train_rows`` (the store's rows, in its order) and ``optimizer_dir`` (the trained model directory or
     its final checkpoint, see ``model.optimizer.final_optimizer_dir``), every row also gets ``tail-patch@10``: the mean,
@@ -133,14 +146,15 @@ def fact_tracing_table(store, model, tokenizer, queries, curvatures, modes, docu
         effects = tail_patch_effects(store, effects_model if effects_model is not None else model, tokenizer,
                                      queries, train_rows, optimizer_dir, chosen, tail_patch=tail_patch,
                                      lr=tail_patch_lr, sample=tail_patch_sample, seed=seed, progress=progress)
-    table = [_table_row(name, scores, gold, effects, fit_s, score_s) for name, scores, fit_s, score_s in methods]
+    table = [_table_row(name, scores, gold, effects, fit_s, score_s, rivals)
+             for name, scores, fit_s, score_s in methods]
     if effects is not None:
         gold_scores = np.zeros((len(queries), store.rows))
         for q, rows in enumerate(gold):
             gold_scores[q, rows] = 1.0
-        table.append(_table_row("gold documents", gold_scores, gold, effects, 0.0, 0.0))
+        table.append(_table_row("gold documents", gold_scores, gold, effects, 0.0, 0.0, rivals))
         if effects.full:
-            table.append(_table_row("one-step oracle", effects.matrix, gold, effects, 0.0, effects.seconds))
+            table.append(_table_row("one-step oracle", effects.matrix, gold, effects, 0.0, effects.seconds, rivals))
     return table
 
 
@@ -227,8 +241,10 @@ def _method_scores(store, q_rows, q_ids, curvatures, modes, progress: bool) -> l
 
 
 def _table_row(method: str, scores: np.ndarray, gold, effects: TailPatchEffects | None, fit_s: float,
-               score_s: float) -> dict:
+               score_s: float, rivals=None) -> dict:
     row = {"method": method, **fact_tracing_metrics(scores, gold, ks=(1, 10))}
+    if rivals is not None:
+        row |= rival_metrics(scores, gold, rivals, k=TAIL_PATCH_K)
     if effects is not None:
         if method == "gold documents":
             chosen = [sorted(rows)[:TAIL_PATCH_K] for rows in gold]  # the gold rows themselves, not padded to 10
@@ -250,6 +266,7 @@ def format_table(table: list[dict]) -> str:
     """A Markdown table of the fact-tracing figures (``tail-patch@10`` in nats, ``± half-width`` when sampled),
     and, when the rows have it, a line saying what the tail-patch step was and what it measured."""
     cols = ["method", "recall@1", "recall@10", "strict_recall@10", "mrr"]
+    cols += [c for c in (f"rivals@{TAIL_PATCH_K}", "gold_negative") if any(c in row for row in table)]
     with_effects = [row for row in table if TAIL_PATCH in row]
     cols += [TAIL_PATCH] if with_effects else []
     cols += ["fit_s", "score_s"]
@@ -314,15 +331,18 @@ def eval_facts(model: str, data: str, queries: str, out_dir: str | os.PathLike, 
     documents = [r.data.get("text") or (r.prompt + r.response) for r in train_rows]
     optimizer_dir, stepper = None, None
     if tail_patch != "off":
-        optimizer_dir, stepper = _effects_model(model, loaded.model, effects_model, progress)
+        optimizer_dir, stepper = effects_model_for(model, loaded.model, effects_model, progress)
     return fact_tracing_table(store, loaded.model, loaded.tokenizer, query_rows, list(curvatures), list(modes),
                               documents, train_rows=train_rows, optimizer_dir=optimizer_dir, effects_model=stepper,
                               tail_patch=tail_patch, tail_patch_lr=tail_patch_lr, tail_patch_sample=tail_patch_sample,
                               seed=seed, progress=progress)
 
 
-def _effects_model(model: str, loaded, effects_model: str | None, progress: bool):
-    """``(optimizer_dir, model to step)`` for `eval_facts`, or ``(None, None)`` (no tail-patch, said)."""
+def effects_model_for(model: str, loaded, effects_model: str | None = None, progress: bool = True):
+    """``(optimizer_dir, model to step)`` for tail-patch on the trained model directory ``model`` (``loaded``: its
+    model): the directory's final optimizer state and the model it belongs to — for a merged LoRA model, the
+    unmerged adapter of the final checkpoint (checked against the merge record) —, or ``(None, None)``
+    (no tail-patch, said)."""
     dirs = [d for d in (effects_model, model) if d is not None and Path(d).is_dir()]
     optimizer_dir = next((found for d in dirs if (found := final_optimizer_dir(d)) is not None), None)
     if optimizer_dir is None:
