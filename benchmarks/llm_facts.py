@@ -36,7 +36,7 @@ from dataworth.data.rows import load_rows
 from dataworth.evaluation.baselines import bm25_scores, representation_similarity
 from dataworth.evaluation.effects import one_step_effects
 from dataworth.evaluation.facts import gold_positions, rival_positions
-from dataworth.evaluation.metrics import fact_tracing_metrics, rival_metrics, tail_patch
+from dataworth.evaluation.metrics import fact_tracing_metrics, mean_effect, rival_metrics, top_k_rows
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.gradients.queries import query_gradients
 from dataworth.influence.curvature import ensure_curvature
@@ -70,6 +70,7 @@ def main(argv=None) -> dict:
     parser.add_argument("out", type=Path)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--lora", action="store_true", help="also extract and compare LoRA-adapter gradients")
+    parser.add_argument("--no-effects", action="store_true", help="skip the one-step effects (tail-patch)")
     args = parser.parse_args(argv)
     out = args.out
     store = open_store(out / "store")
@@ -89,22 +90,7 @@ def main(argv=None) -> dict:
                                                                 max_length=max_length)[0]]
     train_encoded = encode_rows(train_rows, tok, max_length=max_length)[0]
 
-    started, cpu = time.perf_counter(), time.process_time()
-    say(f"one-step effects of {len(train_encoded)} rows on {len(queries)} answers and values (adapter model)")
-    effects = one_step_effects(adapter.model, tok, train_encoded, answer + value, optimizer_dir=out / "model",
-                               progress=True)
-    eff_answer, eff_value = effects[: len(queries)], effects[len(queries):]
-    say(f"effects: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu:.0f} CPU s")
-
-    table: list[dict] = []
-
-    def add(method: str, scores: np.ndarray, seconds: float = 0.0) -> None:
-        row = {"method": method, **fact_tracing_metrics(scores, gold, ks=(1, 10)), **rival_metrics(scores, gold, rivals),
-               "tail-patch@10": tail_patch(scores, eff_answer, 10), "tail-patch@10 (value)": tail_patch(scores, eff_value, 10),
-               "seconds": round(seconds, 1)}
-        table.append(row)
-        say(json.dumps(row))
-
+    methods: dict[str, np.ndarray] = {}
     measured = {"answer": answer, "value": value}
     grads = {name: query_gradients(store, merged.model, tok, rows) for name, rows in measured.items()}
     grads["contrast"] = grads["answer"] - query_gradients(store, merged.model, tok, baseline)
@@ -113,10 +99,9 @@ def main(argv=None) -> dict:
         curv = ensure_curvature(store.path, kind)
         for measure, q_rows in grads.items():
             for mode in ("dot", "cosine", "relative"):
-                t = time.perf_counter()
                 scores = np.asarray(score_rows(store, q_rows, ids, curv, mode=mode, top_k=10, full=True).matrix)
-                add(f"{kind}/{mode} · {measure}", scores, time.perf_counter() - t)
-                if mode == "cosine" and kind == "ekfac":
+                methods[f"{kind}/{mode} · {measure}"] = scores
+                if mode == "dot" and kind == "ekfac":
                     best[measure] = scores
 
     if args.lora:
@@ -128,18 +113,48 @@ def main(argv=None) -> dict:
         curv = ensure_curvature(lora_store, "ekfac")
         for measure, rows in measured.items():
             q_rows = query_gradients(lstore, adapter.model, tok, rows)
-            scores = np.asarray(score_rows(lstore, q_rows, ids, curv, mode="cosine", top_k=10, full=True).matrix)
-            add(f"LoRA-adapter LoGra-64 ekfac/cosine · {measure}", scores)
-            add(f"both (MLP + LoRA) ekfac/cosine · {measure}", unit(scores) + unit(best[measure]))
+            for mode in ("dot", "cosine"):
+                scores = np.asarray(score_rows(lstore, q_rows, ids, curv, mode=mode, top_k=10, full=True).matrix)
+                methods[f"LoRA-adapter LoGra-64 ekfac/{mode} · {measure}"] = scores
+                if mode == "dot":
+                    methods[f"both (MLP + LoRA, unit per query) ekfac/dot · {measure}"] = unit(scores) + unit(best[measure])
 
     documents = [r.text if r.kind == "text" else "\n".join(m["content"] for m in r.messages) for r in train_rows]
-    add("BM25 (prompt+response)", bm25_scores(documents, [q.data["prompt"] + " " + q.data["response"] for q in queries]))
-    add("representation similarity", representation_similarity(merged.model, train_encoded, answer, pad_token_id(tok)))
-    gold_scores = np.zeros_like(eff_answer)
+    methods["BM25 (prompt+response)"] = bm25_scores(documents, [q.data["prompt"] + " " + q.data["response"]
+                                                                for q in queries])
+    methods["representation similarity"] = representation_similarity(merged.model, train_encoded, answer,
+                                                                      pad_token_id(tok))
+    gold_scores = np.zeros((len(queries), store.rows))
     for q, rows in enumerate(gold):
         gold_scores[q, rows] = 1.0
-    add("gold documents", gold_scores)
-    add("one-step oracle (answer)", eff_answer)
+    methods["gold documents"] = gold_scores
+
+    effects = None
+    if not args.no_effects:
+        # the rows where it decides something: not raw (degenerate with N < D_m), relative or contrast (far behind)
+        measured_methods = {m: v for m, v in methods.items()
+                            if not m.startswith("raw/") and "relative" not in m and "contrast" not in m}
+        pairs = np.zeros((len(queries), store.rows), dtype=bool)
+        for scores in measured_methods.values():
+            np.put_along_axis(pairs, top_k_rows(scores, 10), True, axis=1)
+        for q, rows in enumerate(gold):
+            pairs[q, rows] = True
+        both = np.concatenate([pairs, pairs])
+        started, cpu = time.perf_counter(), time.process_time()
+        say(f"one-step effects on {int(pairs.sum())} (query, row) pairs, answers and values (adapter model)")
+        effects = one_step_effects(adapter.model, tok, train_encoded, answer + value, optimizer_dir=out / "model",
+                                   pairs=both, progress=True)
+        say(f"effects: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu:.0f} CPU s")
+
+    table = []
+    for method, scores in methods.items():
+        row = {"method": method, **fact_tracing_metrics(scores, gold, ks=(1, 10)),
+               **rival_metrics(scores, gold, rivals)}
+        if effects is not None and method in measured_methods:
+            chosen = gold if method == "gold documents" else top_k_rows(scores, 10)  # gold: not padded to 10
+            row["tail-patch@10"] = mean_effect(effects[: len(queries)], chosen)
+            row["tail-patch@10 (value)"] = mean_effect(effects[len(queries):], chosen)
+        table.append(row)
     result = {"table": table, "queries": len(queries), "rows": len(train_rows),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(markdown(table))
@@ -153,7 +168,8 @@ def markdown(table: list[dict]) -> str:
             "tail-patch@10", "tail-patch@10 (value)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table:
-        cells = [row["method"]] + [f"{row[c]:+.4f}" if c.startswith("tail") else f"{row[c]:.3f}" for c in cols[1:]]
+        cells = [row["method"]] + ["n/a" if c not in row else f"{row[c]:+.4f}" if c.startswith("tail")
+                                   else f"{row[c]:.3f}" for c in cols[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
