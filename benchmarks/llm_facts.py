@@ -36,7 +36,12 @@ from dataworth.data.rows import load_rows
 from dataworth.evaluation.baselines import bm25_scores, representation_similarity
 from dataworth.evaluation.effects import one_step_effects
 from dataworth.evaluation.facts import gold_positions, rival_positions
-from dataworth.evaluation.metrics import fact_tracing_metrics, mean_effect, rival_metrics, top_k_rows
+from dataworth.evaluation.metrics import (
+    fact_tracing_metrics,
+    mean_effect,
+    rival_metrics,
+    top_k_rows,
+)
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.gradients.queries import query_gradients
 from dataworth.influence.curvature import ensure_curvature

@@ -10,7 +10,12 @@ import pytest
 from conftest import build_llama
 
 from dataworth.data.rows import load_rows
-from dataworth.demo import LLMDemoConfig, names_value, run_llm_demo, write_llm_training_rows
+from dataworth.demo import (
+    LLMDemoConfig,
+    names_value,
+    run_llm_demo,
+    write_llm_training_rows,
+)
 from dataworth.errors import InputError
 
 

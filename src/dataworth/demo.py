@@ -19,7 +19,11 @@ from pathlib import Path
 
 from dataworth.data.rows import load_rows
 from dataworth.errors import InputError
-from dataworth.evaluation.facts import effects_model_for, fact_tracing_table, rival_positions
+from dataworth.evaluation.facts import (
+    effects_model_for,
+    fact_tracing_table,
+    rival_positions,
+)
 from dataworth.gradients.extract import ExtractConfig, extract
 from dataworth.influence.curvature import ensure_curvature
 from dataworth.influence.score import score
@@ -224,7 +228,7 @@ def run_llm_demo(config: LLMDemoConfig = LLMDemoConfig()) -> DemoResult:
     tracing with tail-patch → score the answers → report. Each long stage first prints its plan (rows, tokens,
     estimated time from a timed forward+backward on this machine, estimated peak memory).
     """
-    import torch
+    import functools
 
     from dataworth.util import torch_threads
 
@@ -237,19 +241,19 @@ def run_llm_demo(config: LLMDemoConfig = LLMDemoConfig()) -> DemoResult:
     with torch_threads(config.threads):
         base_dir = _llm_base(config, out / "base")
         seconds["base"] = time.perf_counter() - t0
+        cost = functools.cache(lambda: _forward_backward_cost(base_dir))  # timed once, when a plan needs it
 
         t = time.perf_counter()
         model_dir = out / "model"
         train_rows = load_rows(data_spec)
         if not (model_dir / "dataworth_train.json").exists():
-            cost = _forward_backward_cost(base_dir)
             tokens = _token_count(train_rows, base_dir, config.max_length)
             lora = config.finetune == "lora"
             say(f"[2/{LLM_STAGES}] fine-tune {config.model} ({config.finetune}"
                 f"{f', rank {config.lora_r} on every linear layer' if lora else ''}) on {data_spec}")
             say(f"plan: {len(train_rows)} rows, {tokens:,} tokens × {config.epochs} epochs, lr {config.learning_rate:g}, "
-                f"est. {_minutes(tokens * config.epochs * cost.seconds_per_token * (1.0 if lora else 1.4))}, "
-                f"est. peak memory {human_bytes(cost.training_peak(config.batch_size, config.max_length, lora))}")
+                f"est. {_minutes(tokens * config.epochs * cost().seconds_per_token * (1.0 if lora else 1.4))}, "
+                f"est. peak memory {human_bytes(cost().training_peak(config.batch_size, config.max_length, lora))}")
             train(data_spec, model_dir, _llm_train_config(config, base_dir))
         else:
             say(f"[2/{LLM_STAGES}] reuse {model_dir}")
@@ -272,6 +276,9 @@ def run_llm_demo(config: LLMDemoConfig = LLMDemoConfig()) -> DemoResult:
         store_dir = out / "store"
         say(f"[4/{LLM_STAGES}] extract LoGra gradients ({config.projection}, rank {config.rank}; modules "
             f"{config.modules}) of the fine-tuned model → {store_dir}")
+        if not _store_complete(store_dir):  # extraction costs about one forward+backward per token (measured)
+            tokens = _token_count(train_rows, base_dir, config.max_length)
+            say(f"plan: {tokens:,} tokens, est. {_minutes(tokens * cost().seconds_per_token)}")
         extract(ExtractConfig(model=str(model_dir), data=data_spec, out=str(store_dir), modules=config.modules,
                               projection=config.projection, rank_in=config.rank, rank_out=config.rank,
                               seed=config.seed, dtype=config.dtype, device="cpu", shard_rows=64,
@@ -306,7 +313,6 @@ def run_llm_demo(config: LLMDemoConfig = LLMDemoConfig()) -> DemoResult:
         report_path = write_report(scores_dir, out / "report", store_dir, loaded)
         seconds["report"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    del torch
     summary = {"fact_accuracy": accuracy, "facts_learned": len(learned), "facts_asked": len(answers),
                "fact_tracing": table, "seconds": {k: round(v, 1) for k, v in seconds.items()},
                "config": asdict(config), "report": str(report_path)}
@@ -454,6 +460,13 @@ def _forward_backward_cost(model_dir: Path) -> _Cost:
         model.zero_grad(set_to_none=True)
     return _Cost(best / 64, sum(p.numel() for p in model.parameters()), cfg.hidden_size, cfg.num_hidden_layers,
                  cfg.vocab_size)
+
+
+def _store_complete(store_dir: Path) -> bool:
+    try:
+        return json.loads((store_dir / "manifest.json").read_text()).get("complete") is True
+    except (OSError, ValueError):
+        return False
 
 
 def _token_count(rows, model_dir: Path, max_length: int) -> int:
