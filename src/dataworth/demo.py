@@ -12,11 +12,14 @@ Each step is skipped when its output already exists (the demo resumes), so re-ru
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dataworth.data.encode import encode_rows
 from dataworth.data.rows import load_rows
 from dataworth.errors import InputError
 from dataworth.evaluation.facts import (
@@ -32,7 +35,7 @@ from dataworth.model.load import load_model
 from dataworth.model.train import TrainConfig, train
 from dataworth.reports.report import report
 from dataworth.store.reader import open_store
-from dataworth.util import human_bytes, say, write_jsonl_atomic
+from dataworth.util import human_bytes, say, torch_threads, write_jsonl_atomic
 
 
 @dataclass(frozen=True)
@@ -228,10 +231,6 @@ def run_llm_demo(config: LLMDemoConfig = LLMDemoConfig()) -> DemoResult:
     tracing with tail-patch → score the answers → report. Each long stage first prints its plan (rows, tokens,
     estimated time from a timed forward+backward on this machine, estimated peak memory).
     """
-    import functools
-
-    from dataworth.util import torch_threads
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -422,8 +421,6 @@ def _question_text(question) -> str:
 def names_value(answer: str, value: str) -> bool:
     """Whether ``answer`` contains ``value`` as whole words (``"born in Paris."`` names ``Paris``;
     ``"Parisian"`` does not)."""
-    import re
-
     return re.search(r"(?<!\w)" + re.escape(value) + r"(?!\w)", answer) is not None
 
 
@@ -471,8 +468,6 @@ def _store_complete(store_dir: Path) -> bool:
 
 def _token_count(rows, model_dir: Path, max_length: int) -> int:
     from transformers import AutoTokenizer
-
-    from dataworth.data.encode import encode_rows
 
     encoded, _ = encode_rows(rows, AutoTokenizer.from_pretrained(model_dir), max_length=max_length)
     return sum(len(e.input_ids) for e in encoded)
