@@ -13,6 +13,7 @@ from conftest import build_llama, build_tokenizer
 from dataworth.errors import InputError
 from dataworth.model.load import (
     LoadedModel,
+    gguf_parsed_once,
     load_model,
     model_fingerprint,
     resolve_dtype,
@@ -271,9 +272,75 @@ def test_smollm2_missing_package_tells_how_to_install(monkeypatch):
         load_model("smollm2", device="cpu")
 
 
+def _small_gguf(path):
+    """A GGUF file with a vocabulary-sized string array and two tensors (one Q8_0-quantised)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, quantize
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_token_list([f"tok{i}" for i in range(500)])
+    writer.add_tensor("token_embd.weight", np.arange(64 * 8, dtype=np.float32).reshape(8, 64) / 7)
+    q8 = quantize(np.linspace(-1, 1, 64 * 4, dtype=np.float32).reshape(4, 64), GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output.weight", q8, raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_parsed_once_shares_one_reader_that_reads_the_same_fields_and_tensors(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = _small_gguf(tmp_path / "small.gguf")
+    original, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    plain = original(path)
+    with gguf_parsed_once():
+        shared = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is shared  # parsed once per file
+        assert type(shared.data) is np.ndarray  # a plain view of the mapping, not a memmap per slice
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).mapping == name_map(gguf.MODEL_ARCH.LLAMA, 2).mapping
+    assert gguf.GGUFReader is original and gguf.get_tensor_name_map is name_map  # restored
+    assert list(shared.fields) == list(plain.fields)
+    assert shared.fields["tokenizer.ggml.tokens"].contents() == plain.fields["tokenizer.ggml.tokens"].contents()
+    for a, b in zip(shared.tensors, plain.tensors, strict=True):
+        assert a.name == b.name and a.tensor_type == b.tensor_type
+        assert np.array_equal(gguf.dequantize(a.data, a.tensor_type), gguf.dequantize(b.data, b.tensor_type))
+
+
+def test_gguf_parsed_once_restores_gguf_when_parsing_fails(tmp_path):
+    import gguf
+
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"\0" * 64)
+    original = gguf.GGUFReader
+    with pytest.raises(ValueError, match="magic"), gguf_parsed_once():
+        gguf.GGUFReader(bad)
+    assert gguf.GGUFReader is original
+
+
+@pytest.mark.slow
+def test_smollm2_loads_the_same_weights_as_plain_transformers():
+    """`gguf_parsed_once` (one parse, a plain-array view, a memoised name map) changes nothing loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from dataworth.model.load import smollm2_path
+
+    path = smollm2_path()
+    plain = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    loaded = load_model("smollm2", device="cpu")
+    plain_weights = dict(plain.named_parameters())
+    for name, param in loaded.model.named_parameters():
+        assert torch.equal(param, plain_weights[name]), name
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_q4_1_dequantizes_to_a_float32_llama():
-    """SmolLM2-135M-Instruct Q4_1: transformers + gguf de-quantize it (measured ~30 s load on 2 busy cores)."""
+    """SmolLM2-135M-Instruct Q4_1: transformers + gguf de-quantize it (measured ~3-5 s load on one busy core)."""
     loaded = load_model("smollm2", device="cpu")
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}

