@@ -185,3 +185,15 @@ def load_benchmark(name: str, path: Path):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@torch.no_grad()
+def hand_adamw_step(names, params, grads, states: dict, meta: dict, lr: float, n_targets: int) -> None:
+    """The naive reference for `evaluation.effects.one_step_effects`' AdamW step, in place: ``g = ∇/T``,
+    ``v' = β₂ v + (1−β₂) g²``, ``p −= η (1−β₁)/(1−β₁^t) · g / (√(v'/(1−β₂^t)) + ε)`` with ``t`` = saved step + 1."""
+    (b1, b2), eps = meta["betas"], meta["eps"]
+    for name, p, g in zip(names, params, grads):
+        g = g / n_targets
+        t = meta["step"][name] + 1
+        v = b2 * states[name]["exp_avg_sq"].to(g.dtype) + (1 - b2) * g ** 2
+        p -= lr * (1 - b1) / (1 - b1 ** t) * g / ((v / (1 - b2 ** t)).sqrt() + eps)
