@@ -11,7 +11,10 @@ One table, every row on the same fine-tuned model, store, queries and one-step e
   prior contribute cancels);
 - gradients (``--lora``): LoGra of the merged model's MLP weights (the demo's store) vs LoGra of the LoRA
   adapters' weights (lora_A / lora_B of every layer, the unmerged adapter model) vs both (scores summed
-  after each is unit-normalised per query);
+  after each is unit-normalised per query) vs LESS's own features (``--less-dim``: every LoRA weight's
+  per-example gradient of the token-mean loss, training rows through the final checkpoint's Adam update,
+  queries plain, each densely projected by one seeded Gaussian to 8,192 dims, cosine; the final checkpoint
+  only, where LESS sums four);
 - baselines: BM25, representation similarity (cosine of mean final hidden states).
 
 Columns: recall@1/10 and MRR of the gold biographies; ``rivals@10`` (share of the top 10 that are other
@@ -47,6 +50,8 @@ from dataworth.gradients.queries import query_gradients
 from dataworth.influence.curvature import ensure_curvature
 from dataworth.influence.scores import score_rows
 from dataworth.model.load import load_model
+from dataworth.model.optimizer import adam_update, final_optimizer_dir, load_adam_state
+from dataworth.selection.less import gradient_features, lora_modules
 from dataworth.store.reader import open_store
 from dataworth.util import pad_token_id, say
 
@@ -65,6 +70,22 @@ def contrast_rows(queries, train_rows) -> list:
     return out
 
 
+def less_scores(model, tok, train_encoded, query_encoded, out: Path, dense_dim: int) -> np.ndarray:
+    """``[Q, N]`` cosine of LESS features (Xia et al. 2024, §3): the training rows' LoRA gradients through the
+    final checkpoint's Adam update, the queries' plain gradients, both projected by the same dense Gaussian."""
+    ckpt = final_optimizer_dir(out / "model")
+    state = load_adam_state(ckpt, lora_modules(model))
+    common = dict(dense_dim=dense_dim, seed=0, batch_size=64, progress=True)
+    started, cpu = time.perf_counter(), time.process_time()
+    train = gradient_features(model, tok, train_encoded, out / "less" / "train", header={"model": {"path": str(ckpt)}},
+                              transform=lambda g: adam_update(g, state), **common)
+    query = gradient_features(model, tok, query_encoded, out / "less" / "queries", header={"model": {"path": str(ckpt)}},
+                              transform=None, **common)
+    say(f"LESS features: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu:.0f} CPU s")
+    t, q = (unit(s.read_rows(0, s.rows).astype(np.float64)) for s in (train, query))
+    return q @ t.T
+
+
 def unit(m: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(m, axis=1, keepdims=True)
     return m / np.where(n > 0, n, 1.0)
@@ -75,6 +96,8 @@ def main(argv=None) -> dict:
     parser.add_argument("out", type=Path)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--lora", action="store_true", help="also extract and compare LoRA-adapter gradients")
+    parser.add_argument("--less-dim", type=int, default=8192,
+                        help="with --lora: LESS's dense projection size (0: skip the LESS features)")
     parser.add_argument("--no-effects", action="store_true", help="skip the one-step effects (tail-patch)")
     args = parser.parse_args(argv)
     out = args.out
@@ -123,6 +146,9 @@ def main(argv=None) -> dict:
                 methods[f"LoRA-adapter LoGra-64 ekfac/{mode} · {measure}"] = scores
                 if mode == "dot":
                     methods[f"both (MLP + LoRA, unit per query) ekfac/dot · {measure}"] = unit(scores) + unit(best[measure])
+        if args.less_dim:
+            methods["LESS features (LoRA, Adam-transformed, dense-%d) cosine · answer" % args.less_dim] = less_scores(
+                adapter.model, tok, train_encoded, answer, out, args.less_dim)
 
     documents = [r.text if r.kind == "text" else "\n".join(m["content"] for m in r.messages) for r in train_rows]
     methods["BM25 (prompt+response)"] = bm25_scores(documents, [q.data["prompt"] + " " + q.data["response"]

@@ -383,6 +383,10 @@ def build_task(out: Path, corpus: str, loop: LoopConfig, n_train: int, n_queries
 
 # --------------------------------------------------------------------------------------------- methods
 
+# The defaults with the KFAC-whitened random projection in place of the plain one (same rank, layers, dtype).
+WHITENED = ("--projection", "whitened", "--rank", "64", "--curvature", "ekfac", "--dtype", "float16")
+
+
 def methods(arch: str) -> list[P.Method]:
     """The table's rows: dataworth's defaults and one factor at a time, the peers at their defaults, baselines."""
     dw = "run_dataworth.py"
@@ -400,6 +404,11 @@ def methods(arch: str) -> list[P.Method]:
         P.Method("dataworth random-128 ekfac", dw, ("--rank", "128", "--curvature", "ekfac"), peer=False),
         P.Method("dataworth defaults (4-checkpoint ensemble)", dw, ("--defaults", "--checkpoints", "ensemble"),
                  peer=False),
+        P.Method("dataworth whitened-64 ekfac", dw, WHITENED, peer=False),
+        P.Method("dataworth whitened-64 ekfac (4-checkpoint ensemble)", dw, (*WHITENED, "--checkpoints", "ensemble"),
+                 peer=False),
+        *(P.Method(f"dataworth whitened-64 ekfac (whiten {f})", dw, (*WHITENED, "--whiten-damping", f), peer=False)
+          for f in ("1e-1", "1e-2", "1e-4")),
         P.Method("dataworth exact ekfac", dw, exact, peer=False),
         P.Method("dataworth exact ekfac (4-checkpoint ensemble)", dw, (*exact, "--checkpoints", "ensemble"), peer=False),
         P.Method("dataworth exact ekfac (damping 1e-8)", dw, (*exact, "--damping", "1e-8"), peer=False),
@@ -424,7 +433,7 @@ def methods(arch: str) -> list[P.Method]:
 
 
 # Run only when named in --methods (or with --slow): minutes of CPU or ~10 GB each on these models.
-SLOW = {"dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
+SLOW = {*(f"dataworth whitened-64 ekfac (whiten {f})" for f in ("1e-1", "1e-2", "1e-4")), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
         "dataworth exact ekfac (end token)", "dataworth exact ekfac (mlp)", "dataworth exact ekfac (float16 rows)",
         "kronfluence-ekfac (empirical Fisher)", "kronfluence-ekfac (damping 0.1x)"}
 

@@ -157,6 +157,20 @@ def test_killed_rank_resumes_with_the_same_command_and_equals_the_single_process
     assert {f: (tmp_path / "mixed" / f).stat().st_mtime_ns for f in finished} == finished
 
 
+def test_fewer_shards_than_ranks_is_said_and_the_store_is_still_complete(world, tmp_path):
+    """One shard for two ranks: rank 1 has no work; extraction says so (with the --shard-rows that would give
+    every rank a shard) instead of leaving it idle without a word, and the store is whole."""
+    from dataworth.store.reader import open_store
+
+    args = extract_args(world, tmp_path / "store")
+    args[args.index("--shard-rows") + 1] = str(N_ROWS)
+    run = torchrun("-m", "dataworth", *args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = run.stdout + run.stderr
+    assert "1 shard(s) of 20 rows for 2 ranks" in said and f"--shard-rows {N_ROWS // 2}" in said, said[-2000:]
+    assert open_store(tmp_path / "store").rows == N_ROWS
+
+
 def test_disagreeing_ranks_are_refused_then_distributed_fit_score_and_pca_equal_single_process(
         world, reference, tmp_path):
     import dataworth as dw

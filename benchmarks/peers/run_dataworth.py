@@ -26,7 +26,7 @@ from common import Stopwatch, load_task, parse_args, write_result  # noqa: E402
 
 
 def options(ap) -> None:
-    ap.add_argument("--projection", default="random", help="random | pca | identity")
+    ap.add_argument("--projection", default="random", help="random | pca | whitened | identity")
     ap.add_argument("--rank", type=int, default=32, help="LoGra k_in = k_out")
     ap.add_argument("--curvature", default="ekfac", help="none | raw | kfac | ekfac")
     ap.add_argument("--mode", default="dot", help="dot | cosine | relative")
@@ -34,6 +34,8 @@ def options(ap) -> None:
     ap.add_argument("--checkpoints", default="final", choices=("final", "ensemble"),
                     help="ensemble: average the scores of every MODEL/checkpoints/epoch-N")
     ap.add_argument("--optimizer", default="none", choices=("none", "adam"), help="adam: TrackStar scoring")
+    ap.add_argument("--whiten-damping", type=float, default=None,
+                    help="--projection whitened: factor damping as a fraction of its mean eigenvalue [ExtractConfig's]")
     ap.add_argument("--dtype", default="float32", help="store dtype (float16 | bfloat16 | float32)")
     ap.add_argument("--measure-end-token", action="store_true",
                     help="query gradients also measure the appended end token (the retrains do not)")
@@ -97,7 +99,8 @@ def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list)
         store = extract(ExtractConfig(model=str(model_dir), data=args.train, out=str(store_dir), modules=args.modules,
                                       projection=args.projection, rank_in=args.rank or 1, rank_out=args.rank or 1,
                                       dtype=args.dtype, device="cpu", max_length=args.max_length,
-                                      batch_size=args.batch_size, shard_rows=256),
+                                      batch_size=args.batch_size, shard_rows=256,
+                                      **({"whiten_damping": args.whiten_damping} if args.whiten_damping else {})),
                         model=task.model, tokenizer=task.tokenizer, encoded=task.train, progress=False)
         curvature = None if method.optimizer == "adam" else fit(store_dir, args.curvature, args.damping)
     with clock("score"):

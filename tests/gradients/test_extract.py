@@ -270,6 +270,36 @@ def test_pca_projection_is_orthonormal_top_eigenvectors_of_stored_covariances(mo
     assert store.manifest["projection"]["kind"] == "pca"
 
 
+def test_whitened_projection_rows_are_the_exact_gradients_under_a_kfac_whitened_random_map(model_dir, tmp_path):
+    """``whitened``: ``P (C + λI) Pᵀ = R Rᵀ`` for the stored full covariances (so ``P = R (C + λI)^{-1/2}``),
+    and every stored row is ``P_out G P_inᵀ`` of the exact per-example gradient (from an identity store)."""
+    from dataworth.gradients.projection import WHITEN_DAMPING_FRACTION, random_matrix, seed_for
+    from dataworth.gradients.queries import store_extractor
+    from dataworth.model.load import load_model
+
+    store = extract(_config(model_dir, tmp_path / "w", projection="whitened", rank_in=3, rank_out=2), progress=False)
+    exact = extract(_config(model_dir, tmp_path / "x", projection="identity"), progress=False)
+    assert store.manifest["projection"]["whiten_damping"] == WHITEN_DAMPING_FRACTION
+    full = store.load_tensors("covariance/full.safetensors")
+    model = load_model(str(model_dir / "model"), device="cpu").model
+    with store_extractor(store, model) as ex:  # regenerated from the manifest: digest must match
+        projections = ex.projections
+    rows = store.read_rows(0, store.rows).astype(np.float64)
+    exact_rows = exact.read_rows(0, exact.rows).astype(np.float64)
+    for spec, xspec in zip(store.modules, exact.modules):
+        p = projections[spec.name]
+        for side, mat, cov in (("in", p.p_in, full[f"{spec.name}.A"]), ("out", p.p_out, full[f"{spec.name}.S"])):
+            cov = cov.double()
+            lam = WHITEN_DAMPING_FRACTION * float(torch.linalg.eigvalsh(cov).clamp_min(0).mean())
+            r = random_matrix(mat.shape[0], cov.shape[0], seed_for(1, spec.name, side)).double()
+            lhs = mat.double() @ (cov + lam * torch.eye(cov.shape[0], dtype=torch.float64)) @ mat.double().T
+            torch.testing.assert_close(lhs, r @ r.T, atol=1e-4 * float((r @ r.T).abs().max()), rtol=1e-4)
+        g = torch.from_numpy(exact_rows[:, xspec.offset:xspec.offset + xspec.size]).reshape(-1, p.d_out, p.d_in)
+        want = (p.p_out.double() @ g @ p.p_in.double().T).reshape(g.shape[0], -1)
+        got = torch.from_numpy(rows[:, spec.offset:spec.offset + spec.size])
+        torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-3)
+
+
 def test_store_for_another_configuration_is_refused(model_dir, tmp_path):
     from dataworth.errors import InputError
 

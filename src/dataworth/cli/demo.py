@@ -24,7 +24,7 @@ from dataworth.evaluation.facts import format_table
 @click.option("--rank", type=int, default=None, help="LoGra rank per side [default: 64].")
 @click.option("--modules", default=None, help=f"Modules to watch [default: {DemoConfig.modules} (tiny), "
                                                f"{LLMDemoConfig.modules} (smollm2)].")
-@click.option("--projection", type=click.Choice(["random", "pca", "identity"]), default=None,
+@click.option("--projection", type=click.Choice(["random", "pca", "whitened", "identity"]), default=None,
               help=f"[default: {DemoConfig.projection} (tiny), {LLMDemoConfig.projection} (smollm2)]")
 @click.option("--finetune", type=click.Choice(["lora", "full"]), default="lora", show_default=True,
               help="smollm2: LoRA adapters on every linear layer, or every weight.")

@@ -32,7 +32,7 @@ _TASK = [
                  help="Task directory: full-data model + retrain cache (resumable; another config is refused)."),
 ]
 _METHOD = [
-    click.option("--projection", type=click.Choice(["random", "pca", "identity"]), default="random", show_default=True),
+    click.option("--projection", type=click.Choice(["random", "pca", "whitened", "identity"]), default="random", show_default=True),
     click.option("--rank", type=int, default=32, show_default=True, help="LoGra k_in = k_out (TrackStar: dense dims, 0 = exact with R = I)."),
     click.option("--curvature", type=click.Choice(["none", "raw", "kfac", "ekfac"]), default="ekfac", show_default=True),
     click.option("--damping", default="auto", show_default=True,
@@ -165,7 +165,7 @@ def brittleness_command(data, queries, preset, epochs, alpha, subsets, replicate
 @click.option("--data", default="builtin:bios", show_default=True, help="The model's training rows.")
 @click.option("--queries", default=None, help="Fact queries with 'gold' ids [builtin:bios:queries of --data].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where the store goes.")
-@click.option("--projection", type=click.Choice(["random", "pca", "identity"]), default="random", show_default=True)
+@click.option("--projection", type=click.Choice(["random", "pca", "whitened", "identity"]), default="random", show_default=True)
 @click.option("--rank", type=int, default=32, show_default=True)
 @click.option("--curvature", "curvatures", multiple=True, help="Repeatable [none, ekfac].")
 @click.option("--mode", "modes", multiple=True, help="Repeatable [dot, cosine].")

@@ -14,11 +14,13 @@ from dataworth.store.format import STORE_DTYPES
 @click.option("--data", "data", required=True, help="JSONL/JSON/parquet file, directory, hf:NAME[:SPLIT] or builtin:NAME.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Store directory.")
 @click.option("--modules", default="all", show_default=True, help="all, mlp, attn, or a regex on module names.")
-@click.option("--projection", type=click.Choice(["random", "pca", "identity", "dense"]), default="random", show_default=True)
+@click.option("--projection", type=click.Choice(["random", "pca", "whitened", "identity", "dense"]), default="random", show_default=True)
 @click.option("--rank", type=int, default=None, help="k_in = k_out = K (LoGra rank).")
 @click.option("--rank-in", type=int, default=64, show_default=True)
 @click.option("--rank-out", type=int, default=64, show_default=True)
 @click.option("--dense-dim", type=int, default=8192, show_default=True, help="Output size of --projection dense.")
+@click.option("--whiten-damping", type=float, default=1e-3, show_default=True,
+              help="--projection whitened: damping of each KFAC factor, as a fraction of its mean eigenvalue.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(list(STORE_DTYPES)), default="float16", show_default=True,
               help="Storage dtype of the rows (computation is float32).")
@@ -33,8 +35,8 @@ from dataworth.store.format import STORE_DTYPES
               help="Forward pass under torch.autocast in bf16/fp16 (GPU); projections stay float32.")
 @click.option("--async-write/--sync-write", "async_write", default=None,
               help="Write shards on a background thread (default: on for CUDA, off on CPU).")
-def extract_command(model, data, out, modules, projection, rank, rank_in, rank_out, dense_dim, seed, dtype, batch_size,
-                    token_budget, max_length, device, shard_rows, skip_nonfinite, overwrite, autocast, async_write):
+def extract_command(model, data, out, modules, projection, rank, rank_in, rank_out, dense_dim, whiten_damping, seed,
+                    dtype, batch_size, token_budget, max_length, device, shard_rows, skip_nonfinite, overwrite, autocast, async_write):
     """Per-example LoGra-projected gradients of MODEL on DATA, written to a resumable store.
 
     \b
@@ -50,7 +52,8 @@ def extract_command(model, data, out, modules, projection, rank, rank_in, rank_o
     cfg = ExtractConfig(model=model, data=data, out=out, modules=modules, projection=projection, rank_in=rank_in,
                         rank_out=rank_out, dense_dim=dense_dim, seed=seed, dtype=dtype, batch_size=batch_size,
                         token_budget=token_budget, max_length=max_length, device=device, shard_rows=shard_rows,
-                        skip_nonfinite=skip_nonfinite, autocast=autocast, async_write=async_write)
+                        skip_nonfinite=skip_nonfinite, autocast=autocast, async_write=async_write,
+                        whiten_damping=whiten_damping)
     from dataworth.distributed import is_main_process, shutdown
 
     store = extract(cfg, overwrite=overwrite)

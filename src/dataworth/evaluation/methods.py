@@ -44,7 +44,8 @@ TRACKSTAR_DAMPING_FRACTION = 0.1
 class AttributionConfig:
     """How dataworth attributes the task's queries (one row of the LDS table).
 
-    ``projection``: ``random`` | ``pca`` | ``identity`` (LoGra; ``rank`` = k_in = k_out, ignored for identity).
+    ``projection``: ``random`` | ``pca`` | ``whitened`` | ``identity`` (LoGra; ``rank`` = k_in = k_out, ignored for
+    identity).
     ``curvature``: ``none`` | ``raw`` | ``kfac`` | ``ekfac``; ``damping``: as ``dataworth fit --damping``.
     ``mode``: ``dot`` | ``cosine`` | ``relative`` (``dataworth.influence.scores``).
     ``checkpoints``: ``final`` (the full-data model) or ``ensemble`` — the mean of the score matrices of
@@ -85,8 +86,8 @@ class AttributionConfig:
     def check(self) -> None:
         check_kind(self.curvature)
         check_mode(self.mode)
-        if self.projection not in ("random", "pca", "identity"):
-            raise InputError(f"--projection: must be random, pca or identity, got {self.projection!r}")
+        if self.projection not in ("random", "pca", "whitened", "identity"):
+            raise InputError(f"--projection: must be random, pca, whitened or identity, got {self.projection!r}")
         if self.checkpoints not in ("final", "ensemble"):
             raise InputError(f"--checkpoints: must be final or ensemble, got {self.checkpoints!r}")
         if self.optimizer not in ("none", "adam"):

@@ -56,7 +56,9 @@ from dataworth.gradients.hooks import (
 )
 from dataworth.gradients.modules import layer_dims, select_modules
 from dataworth.gradients.projection import (
+    COVARIANCE_KINDS,
     KINDS,
+    WHITEN_DAMPING_FRACTION,
     ModuleProjection,
     build_projections,
     dense_projector,
@@ -109,6 +111,8 @@ class ExtractConfig:
     changes the rows). ``shard_rows``: rows per shard (the unit of resumption). ``autocast``: ``bf16`` /
     ``fp16`` run the forward under ``torch.autocast`` (projections stay float32); ``none`` is float32.
     ``async_write``: write shards on a background thread (default: on for CUDA, off on CPU; same files).
+    ``whiten_damping``: ``whitened`` projection only — λ of each KFAC factor as a fraction of its mean
+    eigenvalue (`dataworth.gradients.projection.whitened_projection`).
     """
 
     model: str = ""
@@ -131,6 +135,7 @@ class ExtractConfig:
     transform: str | None = None
     autocast: str = "none"
     async_write: bool | None = None
+    whiten_damping: float = WHITEN_DAMPING_FRACTION
 
     def check(self) -> None:
         if self.projection not in KINDS:
@@ -144,6 +149,8 @@ class ExtractConfig:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.token_budget is not None and self.token_budget < 1:
             raise InputError(f"--token-budget must be >= 1, got {self.token_budget}")
+        if not self.whiten_damping > 0:
+            raise InputError(f"--whiten-damping must be > 0, got {self.whiten_damping}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise InputError(f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {self.autocast!r}")
 
@@ -154,6 +161,8 @@ class ExtractConfig:
             d.pop(k)
         if d["autocast"] == "none":  # float32 stores keep the manifest they had before autocast existed
             d.pop("autocast")
+        if d["projection"] != "whitened":  # only that projection reads it; other manifests stay as they were
+            d.pop("whiten_damping")
         return d
 
 
@@ -511,17 +520,20 @@ def _extract(ctx: DistContext, config: ExtractConfig, *, model, tokenizer, encod
     if tokenizer is not None:  # which tokens framed text rows (bos/eos, or a chat model's document delimiter)
         header["config"]["text_format"] = text_format(tokenizer)
     check_agreement(ctx, {"model": header["model"]["fingerprint"], "data": header["data"]}, "model/data")
-    saved_pca = broadcast_object(ctx, config.projection == "pca" and pca_path.exists() and not overwrite)
+    saved_pca = broadcast_object(ctx, config.projection in COVARIANCE_KINDS and pca_path.exists() and not overwrite)
     if saved_pca:
         check_side_file(config.out, PCA_FILE)
         pca_cov = load_pca_covariances(pca_path, modules)
-    elif config.projection == "pca":
+    elif config.projection in COVARIANCE_KINDS:
         if ctx.is_main:
-            say("pca: first pass over the data to collect the KFAC covariances")
+            say(f"{config.projection}: first pass over the data to collect the KFAC covariances")
         pca_cov, _, _ = first_pass_covariances(model, modules, list(encoded), pad_id, device,
                                                config.batch_size, config.token_budget, ctx=ctx,
                                                shard_rows=config.shard_rows, autocast=config.autocast)
-    projections = build_projections(modules, config.projection, config.rank_in, config.rank_out, config.seed, pca_cov)
+    if config.projection == "whitened":
+        header_projection["whiten_damping"] = config.whiten_damping
+    projections = build_projections(modules, config.projection, config.rank_in, config.rank_out, config.seed, pca_cov,
+                                    config.whiten_damping)
     layout = row_layout(modules, projections, config.projection, config.dense_dim)
     header["projection"]["digest"] = projection_digest(list(projections.values()))
     header["projection"]["modules"] = {m["name"]: [m.get("k_out"), m.get("k_in")] for m in layout}
@@ -530,7 +542,7 @@ def _extract(ctx: DistContext, config: ExtractConfig, *, model, tokenizer, encod
     header["config"]["module_info"] = layout
     check_agreement(ctx, {"projection": header["projection"]}, "projection")
     plan = ExtractPlan(config, model, modules, projections, specs, header, list(encoded), pad_id, device, transform,
-                       pca_cov if config.projection == "pca" and not saved_pca else None, pca_cov)
+                       pca_cov if config.projection in COVARIANCE_KINDS and not saved_pca else None, pca_cov)
     if ctx.active or fragment_paths(config.out):  # a single process adopts fragments a distributed run left
         return _extract_sharded(ctx, plan, overwrite=overwrite, progress=progress,
                                 stop_after_shards=stop_after_shards)
@@ -543,7 +555,7 @@ def _extract_single(writer: StoreWriter, plan: "ExtractPlan", *, progress: bool,
     """One process writes every unfinished shard in order, then the side files, then finalizes."""
     config, encoded, specs, pca_cov = plan.config, plan.encoded, plan.specs, plan.pca_cov
     device, pad_id, model = plan.device, plan.pad_id, plan.model
-    if config.projection == "pca" and writer.done_shards == 0:
+    if config.projection in COVARIANCE_KINDS and writer.done_shards == 0:
         writer.save_tensors(PCA_FILE, {f"{n}.A": a for n, (a, s) in pca_cov.items()}
                             | {f"{n}.S": s for n, (a, s) in pca_cov.items()})
     n = len(encoded)
@@ -613,7 +625,7 @@ def _finish_store(writer, plan: ExtractPlan, n_shards: int) -> None:
         writer.save_tensors(KFAC_FILE, merge_covariance_partials(writer.load_tensors, plan.modules, n_shards, encoded),
                             metadata={"n_rows": str(len(encoded)),
                                       "n_tokens": str(sum(len(e.input_ids) for e in encoded))})
-    if config.projection == "pca":
+    if config.projection in COVARIANCE_KINDS:
         writer.save_tensors(FULL_COV_FILE, {f"{k}.A": a for k, (a, _) in plan.pca_cov.items()}
                             | {f"{k}.S": s for k, (_, s) in plan.pca_cov.items()})
 
@@ -660,6 +672,10 @@ def _extract_sharded(ctx: DistContext, plan: ExtractPlan, *, overwrite: bool, pr
     if ctx.is_main:
         _print_plan(encoded, dim, config, n_shards, len(done), plan.model)
         say(f"distributed: {ctx.world_size} ranks, shard i on rank i mod {ctx.world_size}")
+        if n_shards < ctx.world_size:  # the shard is the unit of work: extra ranks would wait without a word
+            per_rank = max(1, math.ceil(len(encoded) / ctx.world_size))
+            say(f"warning: {n_shards} shard(s) of {config.shard_rows} rows for {ctx.world_size} ranks: ranks "
+                f"{n_shards}–{ctx.world_size - 1} have nothing to do (--shard-rows {per_rank} gives every rank a shard)")
 
     def write(shard: int, ids: list[str], rows, losses, tokens, cov, bad: list[str]) -> None:
         side = {}

@@ -10,6 +10,10 @@ so the per-example gradient is never formed at full size. This module builds ``P
 - ``random``: i.i.d. N(0, 1/k) entries, regenerated from (seed, module name, side) — nothing to store.
 - ``pca``: the top-k eigenvectors of the activation / output-gradient covariances (the KFAC factors),
   from a first pass over the data; stored in the store because they depend on the data.
+- ``whitened``: the seeded random matrix times the damped inverse square root of the same KFAC factor,
+  ``P_in = R_in (A + λ_A I)^{-1/2}``, ``P_out = R_out (S + λ_S I)^{-1/2}``: a random subspace of the
+  *KFAC-whitened* gradient (see `whitened_projection` for why); the covariances come from the same first
+  pass as ``pca`` and are stored the same way.
 - ``identity``: ``P = I`` (k = d); the store then holds exact per-example gradients.
 
 The ``dense`` kind (TRAK/LESS style: materialise a small parameter set's per-example gradient, transform
@@ -30,7 +34,13 @@ from dataworth.errors import InputError
 from dataworth.gradients.modules import layer_dims, select_modules, weight_layout
 from dataworth.store.format import PCA_FILE
 
-KINDS = ("random", "pca", "identity", "dense")
+KINDS = ("random", "pca", "whitened", "identity", "dense")
+COVARIANCE_KINDS = ("pca", "whitened")  # kinds built from the full KFAC factors of a first pass over the data
+
+# ``whitened``: λ = this × the factor's mean eigenvalue. Small enough that the whitening is nearly exact on the
+# directions the data uses, large enough that a direction of (numerically) zero variance is not blown up by
+# 1/√ε when a query has a component there.
+WHITEN_DAMPING_FRACTION = 1e-3
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,37 @@ def pca_projection(name: str, cov_in: torch.Tensor, cov_out: torch.Tensor, k_in:
     d_in, d_out = cov_in.shape[0], cov_out.shape[0]
     p_in, _ = top_eigenvectors(cov_in, clamp_rank(k_in, d_in))
     p_out, _ = top_eigenvectors(cov_out, clamp_rank(k_out, d_out))
+    return ModuleProjection(name, d_in, d_out, p_in=p_in, p_out=p_out)
+
+
+def damped_inverse_sqrt(cov: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``(C + λI)^{-1/2}`` with ``λ = fraction × mean eigenvalue of C`` (float64 ``eigh``; negative
+    round-off eigenvalues clamped to 0). Returns float64 ``d × d``."""
+    values, vectors = torch.linalg.eigh(cov.double())
+    values = values.clamp_min(0)
+    lam = fraction * float(values.mean())
+    if lam <= 0:  # an all-zero factor (a layer the data never reaches): plain random projection
+        return torch.eye(cov.shape[0], dtype=torch.float64)
+    return (vectors * (values + lam).rsqrt()) @ vectors.T
+
+
+def whitened_projection(name: str, cov_in: torch.Tensor, cov_out: torch.Tensor, k_in: int, k_out: int, seed: int,
+                        fraction: float = WHITEN_DAMPING_FRACTION) -> ModuleProjection:
+    """Random projection of the KFAC-whitened gradient: ``P = R (C + λI)^{-1/2}`` on each side.
+
+    Why: with curvature fitted in the projected space, the influence ``ĝ_qᵀ (P F Pᵀ)⁻¹ ĝ_n`` equals
+    ``w_qᵀ Π w_n`` for the whitened gradients ``w = F^{-1/2} g``, where ``Π`` is the orthogonal projector onto
+    ``F^{1/2} Pᵀ``'s column space. A plain Gaussian ``P`` makes that subspace lean towards the top curvature
+    directions (PCA leans all the way), yet in whitened coordinates every direction carries, on average, the same
+    share of the exact influence ``w_qᵀ w_n``. With ``P = R F_kfac^{-1/2}`` (``F_kfac = A ⊗ S``, Kronecker, so the
+    LoGra hooks still apply it factor by factor) the subspace is uniformly random in whitened coordinates
+    and ``w_qᵀ Π w_n`` is, up to the factor ``k / d``, an unbiased estimate of the exact influence (to the
+    extent that ``A ⊗ S`` whitens ``F``).
+    """
+    d_in, d_out = cov_in.shape[0], cov_out.shape[0]
+    base = random_projection(name, d_in, d_out, k_in, k_out, seed)
+    p_in = (base.p_in.double() @ damped_inverse_sqrt(cov_in, fraction)).float()
+    p_out = (base.p_out.double() @ damped_inverse_sqrt(cov_out, fraction)).float()
     return ModuleProjection(name, d_in, d_out, p_in=p_in, p_out=p_out)
 
 
@@ -199,6 +240,7 @@ def build_projections(
     rank_out: int,
     seed: int,
     pca_covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    whiten_damping: float = WHITEN_DAMPING_FRACTION,
 ) -> dict[str, ModuleProjection]:
     """One `ModuleProjection` per watched module. ``dense`` hooks capture exact gradients (identity)."""
     out = {}
@@ -208,11 +250,12 @@ def build_projections(
             proj = random_projection(name, d_in, d_out, rank_in, rank_out, seed)
         elif kind in ("identity", "dense"):
             proj = identity_projection(name, d_in, d_out)
-        elif kind == "pca":
+        elif kind in COVARIANCE_KINDS:
             if pca_covariances is None:
-                raise ValueError("pca projection needs the covariances of a first pass")
+                raise ValueError(f"{kind} projection needs the covariances of a first pass")
             cov_in, cov_out = pca_covariances[name]
-            proj = pca_projection(name, cov_in, cov_out, rank_in, rank_out)
+            proj = (pca_projection(name, cov_in, cov_out, rank_in, rank_out) if kind == "pca" else
+                    whitened_projection(name, cov_in, cov_out, rank_in, rank_out, seed, whiten_damping))
         else:
             raise InputError(f"unknown projection {kind!r}")
         check_projection(proj)
@@ -257,8 +300,9 @@ def store_projections(store, model: nn.Module) -> tuple[list[tuple[str, nn.Modul
     if kind != "dense" and names != stored:
         raise InputError(f"store {store.path}: modules {stored[:3]}... do not match the model's {names[:3]}...")
     source = store if hasattr(store, "load_tensors") else Path(store.path) / PCA_FILE
-    pca_cov = load_pca_covariances(source, modules) if kind == "pca" else None
-    projections = build_projections(modules, kind, proj["rank_in"], proj["rank_out"], proj["seed"], pca_cov)
+    pca_cov = load_pca_covariances(source, modules) if kind in COVARIANCE_KINDS else None
+    projections = build_projections(modules, kind, proj["rank_in"], proj["rank_out"], proj["seed"], pca_cov,
+                                    proj.get("whiten_damping", WHITEN_DAMPING_FRACTION))
     if projection_digest([projections[n] for n in names]) != proj.get("digest"):
         raise InputError(f"store {store.path}: regenerated projection differs from the stored digest "
                          "(different torch version or model?)")
