@@ -407,6 +407,9 @@ def methods(arch: str) -> list[P.Method]:
         P.Method("dataworth whitened-64 ekfac", dw, WHITENED, peer=False),
         P.Method("dataworth whitened-64 ekfac (4-checkpoint ensemble)", dw, (*WHITENED, "--checkpoints", "ensemble"),
                  peer=False),
+        *(P.Method(f"dataworth random-{i}x{o} ekfac", dw, ("--rank-in", str(i), "--rank-out", str(o), "--curvature",
+                                                           "ekfac", "--dtype", "float16"), peer=False)
+          for i, o in ((128, 32), (32, 128))),
         *(P.Method(f"dataworth whitened-64 ekfac (whiten {f})", dw, (*WHITENED, "--whiten-damping", f), peer=False)
           for f in ("1e-1", "1e-2", "1e-4")),
         P.Method("dataworth exact ekfac", dw, exact, peer=False),
@@ -433,7 +436,7 @@ def methods(arch: str) -> list[P.Method]:
 
 
 # Run only when named in --methods (or with --slow): minutes of CPU or ~10 GB each on these models.
-SLOW = {*(f"dataworth whitened-64 ekfac (whiten {f})" for f in ("1e-1", "1e-2", "1e-4")), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
+SLOW = {"dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in ("1e-1", "1e-2", "1e-4")), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
         "dataworth exact ekfac (end token)", "dataworth exact ekfac (mlp)", "dataworth exact ekfac (float16 rows)",
         "kronfluence-ekfac (empirical Fisher)", "kronfluence-ekfac (damping 0.1x)"}
 

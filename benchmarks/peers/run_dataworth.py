@@ -28,6 +28,8 @@ from common import Stopwatch, load_task, parse_args, write_result  # noqa: E402
 def options(ap) -> None:
     ap.add_argument("--projection", default="random", help="random | pca | whitened | identity")
     ap.add_argument("--rank", type=int, default=32, help="LoGra k_in = k_out")
+    ap.add_argument("--rank-in", type=int, default=None, help="LoGra k_in (default: --rank)")
+    ap.add_argument("--rank-out", type=int, default=None, help="LoGra k_out (default: --rank)")
     ap.add_argument("--curvature", default="ekfac", help="none | raw | kfac | ekfac")
     ap.add_argument("--mode", default="dot", help="dot | cosine | relative")
     ap.add_argument("--damping", default=None, help="as dataworth fit --damping [auto]")
@@ -97,7 +99,8 @@ def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list)
     shutil.rmtree(store_dir, ignore_errors=True)
     with clock("fit"):
         store = extract(ExtractConfig(model=str(model_dir), data=args.train, out=str(store_dir), modules=args.modules,
-                                      projection=args.projection, rank_in=args.rank or 1, rank_out=args.rank or 1,
+                                      projection=args.projection, rank_in=args.rank_in or args.rank or 1,
+                                      rank_out=args.rank_out or args.rank or 1,
                                       dtype=args.dtype, device="cpu", max_length=args.max_length,
                                       batch_size=args.batch_size, shard_rows=256,
                                       **({"whiten_damping": args.whiten_damping} if args.whiten_damping else {})),

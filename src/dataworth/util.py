@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import sys
 import threading
@@ -449,6 +450,22 @@ def finite_number(value: Any, name: str) -> float:
 def say(message: str) -> None:
     """A progress or plan line on stderr (stdout is for results)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss``), in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (``/proc/self/statm``), else its peak so far: the baseline a memory
+    plan adds to (libraries, the loaded model, mapped weight files)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_resident_bytes()
 
 
 def human_bytes(n: float) -> str:

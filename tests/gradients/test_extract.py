@@ -273,7 +273,11 @@ def test_pca_projection_is_orthonormal_top_eigenvectors_of_stored_covariances(mo
 def test_whitened_projection_rows_are_the_exact_gradients_under_a_kfac_whitened_random_map(model_dir, tmp_path):
     """``whitened``: ``P (C + λI) Pᵀ = R Rᵀ`` for the stored full covariances (so ``P = R (C + λI)^{-1/2}``),
     and every stored row is ``P_out G P_inᵀ`` of the exact per-example gradient (from an identity store)."""
-    from dataworth.gradients.projection import WHITEN_DAMPING_FRACTION, random_matrix, seed_for
+    from dataworth.gradients.projection import (
+        WHITEN_DAMPING_FRACTION,
+        random_matrix,
+        seed_for,
+    )
     from dataworth.gradients.queries import store_extractor
     from dataworth.model.load import load_model
 
@@ -308,6 +312,41 @@ def test_store_for_another_configuration_is_refused(model_dir, tmp_path):
         extract(_config(model_dir, tmp_path / "s", rank_in=5), progress=False)
     store = extract(_config(model_dir, tmp_path / "s", rank_in=5), progress=False, overwrite=True)
     assert store.modules[0].k_in == 5
+
+
+def _plan_and_peak(args: list[str]) -> tuple[float, float]:
+    """Run ``dataworth extract ARGS`` in a child process: (the plan's est. peak, the child's measured peak) in MiB."""
+    import re
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run = subprocess.run([sys.executable, "-m", "dataworth", "extract", *args], capture_output=True, text=True,
+                         timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak > before, "another child peaked higher: run this test on its own"
+    value, unit = re.search(r"est\. peak memory ([0-9.]+) (MiB|GiB)", run.stdout + run.stderr).groups()
+    return float(value) * (1024 if unit == "GiB" else 1), peak / 1024
+
+
+def test_memory_plan_bounds_the_measured_peak_of_an_extraction(model_dir, tmp_path):
+    plan, peak = _plan_and_peak(["--model", str(model_dir / "model"), "--data", str(model_dir / "data.jsonl"),
+                                 "--out", str(tmp_path / "s"), "--projection", "identity", "--modules", "mlp",
+                                 "--shard-rows", "23", "--device", "cpu"])
+    assert peak <= plan, (peak, plan)
+
+
+@pytest.mark.slow
+def test_memory_plan_bounds_the_measured_peak_at_smollm2_135m(tmp_path):
+    """The issue's case: MLP LoGra-64 of SmolLM2-135M (planned 741 MiB, peaked at 1,903 MiB before the plan
+    counted activations, logits and the loaded model)."""
+    rows = [{"id": f"d{i}", "text": "The birthplace of Marta Kowalczyk is Tallinn, where she spent her early "
+             "childhood. " * (1 + i % 4)} for i in range(24)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    plan, peak = _plan_and_peak(["--model", "smollm2", "--data", str(tmp_path / "rows.jsonl"), "--out",
+                                 str(tmp_path / "s"), "--modules", "mlp", "--rank", "64", "--shard-rows", "64",
+                                 "--device", "cpu"])
+    assert peak <= plan, (peak, plan)
 
 
 def test_cli_extract_writes_a_store_and_reports_bad_input(model_dir, tmp_path):

@@ -81,7 +81,8 @@ SCORES_VERSION = 1
 DEFAULT_BLOCK_ROWS = 4096
 # Without --memory-budget, store blocks are also capped at this many MiB of buffers: 4096 rows of exact
 # gradients of a 0.7 M-parameter GPT-2 are 6 GiB (two blocks are held while the next is read ahead).
-DEFAULT_SCORE_BUDGET_MB = 512
+# 128, like `influence.curvature.DEFAULT_FIT_BUDGET_MB` (measured there).
+DEFAULT_SCORE_BUDGET_MB = 128
 TOPK_COLUMNS = ["query_id", "direction", "rank", "train_id", "train_row", "score"]
 SCORES_FILES = {"topk": "topk.parquet", "topk_jsonl": "topk.jsonl", "queries": "queries.parquet",
                 "matrix": "scores.npy", "self_influence": "self_influence.parquet"}
