@@ -680,7 +680,8 @@ def _extract_sharded(ctx: DistContext, plan: ExtractPlan, *, overwrite: bool, pr
         if n_shards < ctx.world_size:  # the shard is the unit of work: extra ranks would wait without a word
             per_rank = max(1, math.ceil(len(encoded) / ctx.world_size))
             say(f"warning: {n_shards} shard(s) of {config.shard_rows} rows for {ctx.world_size} ranks: ranks "
-                f"{n_shards}–{ctx.world_size - 1} have nothing to do (--shard-rows {per_rank} gives every rank a shard)")
+                f"{n_shards}–{ctx.world_size - 1} have nothing to do "
+                f"(--shard-rows {per_rank} gives every rank a shard)")
 
     def write(shard: int, ids: list[str], rows, losses, tokens, cov, bad: list[str]) -> None:
         side = {}
@@ -776,8 +777,9 @@ def extraction_peak_bytes(encoded, dim: int, config: ExtractConfig, model: nn.Mo
     """≈ peak resident bytes of an extraction: what the process holds now (libraries, the model, its mapped
     weight files) + `LOGIT_COPIES` of the longest batch's logits + saved activations (`ACTIVATION_FLOATS` per
     token, layer and hidden unit; without a config: every linear layer's input and output per token) + one
-    batch's rows + `WARMUP_BYTES` + one shard's rows in float32 and their converted copy (with exact gradients that buffer
-    dominates: 1000 rows × 393k dims = 1.5 GiB) — or the process's peak so far, if higher (a model's load)."""
+    batch's rows + `WARMUP_BYTES` + one shard's rows in float32 and their converted copy (with exact gradients
+    that buffer dominates: 1000 rows × 393k dims = 1.5 GiB) — or the process's peak so far, if higher (a
+    model's load)."""
     rows = len(encoded)
     itemsize = 4 if config.dtype == "float32" else 2
     longest = max(len(e.input_ids) for e in encoded)
@@ -792,7 +794,8 @@ def extraction_peak_bytes(encoded, dim: int, config: ExtractConfig, model: nn.Mo
     else:
         per_token = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     shard_buffer = min(rows, config.shard_rows) * dim * (4 + (itemsize if itemsize < 4 else 0))
-    ahead = resident_bytes() + WARMUP_BYTES + tokens * vocab * 4 * LOGIT_COPIES + tokens * per_token * 4 + batch_rows * dim * 4
+    ahead = (resident_bytes() + WARMUP_BYTES + tokens * vocab * 4 * LOGIT_COPIES + tokens * per_token * 4
+             + batch_rows * dim * 4)
     return int(max(peak_resident_bytes(), ahead + shard_buffer))  # loading a model can peak higher than this
 
 

@@ -141,7 +141,9 @@ def whitened_projection(name: str, cov_in: torch.Tensor, cov_out: torch.Tensor, 
     share of the exact influence ``w_qᵀ w_n``. With ``P = R F_kfac^{-1/2}`` (``F_kfac = A ⊗ S``, Kronecker, so the
     LoGra hooks still apply it factor by factor) the subspace is uniformly random in whitened coordinates
     and ``w_qᵀ Π w_n`` is, up to the factor ``k / d``, an unbiased estimate of the exact influence (to the
-    extent that ``A ⊗ S`` whitens ``F``).
+    extent that ``A ⊗ S`` whitens ``F``). Measured on the real-text LDS benchmark (README): +0.005 … +0.014 LDS
+    over the plain Gaussian at rank 64, within the interval, for a second pass over the data — an option, not the
+    default: at rank 64 the projection's variance, which whitening spreads over every direction, dominates.
     """
     d_in, d_out = cov_in.shape[0], cov_out.shape[0]
     base = random_projection(name, d_in, d_out, k_in, k_out, seed)
