@@ -75,12 +75,11 @@ def less_scores(model, tok, train_encoded, query_encoded, out: Path, dense_dim: 
     final checkpoint's Adam update, the queries' plain gradients, both projected by the same dense Gaussian."""
     ckpt = final_optimizer_dir(out / "model")
     state = load_adam_state(ckpt, lora_modules(model))
-    common = dict(dense_dim=dense_dim, seed=0, batch_size=64, progress=True)
+    common = dict(dense_dim=dense_dim, seed=0, batch_size=64, progress=True, header={"model": {"path": str(ckpt)}})
     started, cpu = time.perf_counter(), time.process_time()
-    train = gradient_features(model, tok, train_encoded, out / "less" / "train", header={"model": {"path": str(ckpt)}},
+    train = gradient_features(model, tok, train_encoded, out / "less" / "train",
                               transform=lambda g: adam_update(g, state), **common)
-    query = gradient_features(model, tok, query_encoded, out / "less" / "queries", header={"model": {"path": str(ckpt)}},
-                              transform=None, **common)
+    query = gradient_features(model, tok, query_encoded, out / "less" / "queries", transform=None, **common)
     say(f"LESS features: {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu:.0f} CPU s")
     t, q = (unit(s.read_rows(0, s.rows).astype(np.float64)) for s in (train, query))
     return q @ t.T

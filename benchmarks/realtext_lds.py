@@ -385,6 +385,7 @@ def build_task(out: Path, corpus: str, loop: LoopConfig, n_train: int, n_queries
 
 # The defaults with the KFAC-whitened random projection in place of the plain one (same rank, layers, dtype).
 WHITENED = ("--projection", "whitened", "--rank", "64", "--curvature", "ekfac", "--dtype", "float16")
+WHITEN_FRACTIONS = ("1e-1", "1e-2", "1e-4")  # --whiten-damping rows beside the default 1e-3 (slow rows)
 
 
 def methods(arch: str) -> list[P.Method]:
@@ -411,7 +412,7 @@ def methods(arch: str) -> list[P.Method]:
                                                            "ekfac", "--dtype", "float16"), peer=False)
           for i, o in ((128, 32), (32, 128))),
         *(P.Method(f"dataworth whitened-64 ekfac (whiten {f})", dw, (*WHITENED, "--whiten-damping", f), peer=False)
-          for f in ("1e-1", "1e-2", "1e-4")),
+          for f in WHITEN_FRACTIONS),
         P.Method("dataworth exact ekfac", dw, exact, peer=False),
         P.Method("dataworth exact ekfac (4-checkpoint ensemble)", dw, (*exact, "--checkpoints", "ensemble"), peer=False),
         P.Method("dataworth exact ekfac (damping 1e-8)", dw, (*exact, "--damping", "1e-8"), peer=False),
@@ -436,7 +437,7 @@ def methods(arch: str) -> list[P.Method]:
 
 
 # Run only when named in --methods (or with --slow): minutes of CPU or ~10 GB each on these models.
-SLOW = {"dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in ("1e-1", "1e-2", "1e-4")), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
+SLOW = {"dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in WHITEN_FRACTIONS), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
         "dataworth exact ekfac (end token)", "dataworth exact ekfac (mlp)", "dataworth exact ekfac (float16 rows)",
         "kronfluence-ekfac (empirical Fisher)", "kronfluence-ekfac (damping 0.1x)"}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -321,7 +323,7 @@ def _plan_and_peak(args: list[str]) -> tuple[float, float]:
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     run = subprocess.run([sys.executable, "-m", "dataworth", "extract", *args], capture_output=True, text=True,
-                         timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                         timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert peak > before, "another child peaked higher: run this test on its own"
@@ -342,7 +344,7 @@ def test_memory_plan_bounds_the_measured_peak_at_smollm2_135m(tmp_path):
     counted activations, logits and the loaded model)."""
     rows = [{"id": f"d{i}", "text": "The birthplace of Marta Kowalczyk is Tallinn, where she spent her early "
              "childhood. " * (1 + i % 4)} for i in range(24)]
-    (tmp_path / "rows.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     plan, peak = _plan_and_peak(["--model", "smollm2", "--data", str(tmp_path / "rows.jsonl"), "--out",
                                  str(tmp_path / "s"), "--modules", "mlp", "--rank", "64", "--shard-rows", "64",
                                  "--device", "cpu"])

@@ -6,6 +6,7 @@ import click
 
 from dataworth.errors import InputError
 from dataworth.gradients.extract import ExtractConfig, extract
+from dataworth.gradients.projection import WHITEN_DAMPING_FRACTION
 from dataworth.store.format import STORE_DTYPES
 
 
@@ -19,7 +20,7 @@ from dataworth.store.format import STORE_DTYPES
 @click.option("--rank-in", type=int, default=64, show_default=True)
 @click.option("--rank-out", type=int, default=64, show_default=True)
 @click.option("--dense-dim", type=int, default=8192, show_default=True, help="Output size of --projection dense.")
-@click.option("--whiten-damping", type=float, default=1e-3, show_default=True,
+@click.option("--whiten-damping", type=float, default=WHITEN_DAMPING_FRACTION, show_default=True,
               help="--projection whitened: damping of each KFAC factor, as a fraction of its mean eigenvalue.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(list(STORE_DTYPES)), default="float16", show_default=True,

@@ -773,6 +773,12 @@ ACTIVATION_FLOATS = 32
 WARMUP_BYTES = 128 * 2**20
 
 
+def shard_buffer_bytes(rows: int, dim: int, config: ExtractConfig) -> int:
+    """One shard's rows held in float32 until written, plus their converted copy in a smaller store dtype."""
+    itemsize = 4 if config.dtype == "float32" else 2
+    return min(rows, config.shard_rows) * dim * (4 + (itemsize if itemsize < 4 else 0))
+
+
 def extraction_peak_bytes(encoded, dim: int, config: ExtractConfig, model: nn.Module) -> int:
     """≈ peak resident bytes of an extraction: what the process holds now (libraries, the model, its mapped
     weight files) + `LOGIT_COPIES` of the longest batch's logits + saved activations (`ACTIVATION_FLOATS` per
@@ -781,7 +787,6 @@ def extraction_peak_bytes(encoded, dim: int, config: ExtractConfig, model: nn.Mo
     that buffer dominates: 1000 rows × 393k dims = 1.5 GiB) — or the process's peak so far, if higher (a
     model's load)."""
     rows = len(encoded)
-    itemsize = 4 if config.dtype == "float32" else 2
     longest = max(len(e.input_ids) for e in encoded)
     batch_rows = config.batch_size or 8
     tokens = config.token_budget or batch_rows * longest
@@ -793,7 +798,7 @@ def extraction_peak_bytes(encoded, dim: int, config: ExtractConfig, model: nn.Mo
         per_token = ACTIVATION_FLOATS * layers * hidden
     else:
         per_token = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    shard_buffer = min(rows, config.shard_rows) * dim * (4 + (itemsize if itemsize < 4 else 0))
+    shard_buffer = shard_buffer_bytes(rows, dim, config)
     ahead = (resident_bytes() + WARMUP_BYTES + tokens * vocab * 4 * LOGIT_COPIES + tokens * per_token * 4
              + batch_rows * dim * 4)
     return int(max(peak_resident_bytes(), ahead + shard_buffer))  # loading a model can peak higher than this
@@ -805,7 +810,7 @@ def _print_plan(encoded, dim: int, config: ExtractConfig, n_shards: int, done: i
     tokens = sum(len(e.input_ids) for e in encoded)
     itemsize = 4 if config.dtype == "float32" else 2
     size = rows * dim * itemsize
-    shard_buffer = min(rows, config.shard_rows) * dim * (4 + (itemsize if itemsize < 4 else 0))
+    shard_buffer = shard_buffer_bytes(rows, dim, config)
     peak = extraction_peak_bytes(encoded, dim, config, model)
     say(f"plan: {rows} rows, {tokens} tokens, {dim} dims/row ({config.dtype}), store {human_bytes(size)} in "
          f"{n_shards} shards ({done} already done), est. peak memory {human_bytes(peak)} "
