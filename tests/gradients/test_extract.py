@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_gpt2, build_llama, build_neox, lock_held_by_another_process
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch.func import functional_call, grad
 
 from dataworth.data.batching import Encoded, collate, example_losses
@@ -20,6 +23,7 @@ from dataworth.gradients.extract import (
     Extractor,
     encoded_rows_for,
     extract,
+    nonfinite_rows,
 )
 from dataworth.gradients.modules import select_modules
 from dataworth.gradients.projection import build_projections, random_projection
@@ -449,3 +453,14 @@ def test_a_second_extract_on_a_store_being_written_is_refused_and_touches_nothin
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert not (out / ".dataworth.lock").exists() and open_store(out).rows == 23
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True)))
+def test_nonfinite_rows_are_exactly_the_rows_np_isfinite_rejects(rows):
+    # float32 extremes (±3.4e38 in every column) must not overflow into a false alarm
+    assert np.array_equal(nonfinite_rows(rows), ~np.isfinite(rows).all(axis=1))
+    big = np.full((2, 5000), np.finfo(np.float32).max, dtype=np.float32)
+    big[1, 7] = np.inf
+    assert nonfinite_rows(big).tolist() == [False, True]

@@ -417,6 +417,13 @@ def _async_default(config: ExtractConfig, device: torch.device) -> bool:
     return config.async_write if config.async_write is not None else device.type == "cuda"
 
 
+def nonfinite_rows(rows: np.ndarray) -> np.ndarray:
+    """Which rows of float32 ``[n, dim]`` hold an inf or NaN. A float64 sum of finite float32 numbers is always
+    finite and any inf/NaN makes it non-finite, so this is exact without the ``n × dim`` boolean array of
+    ``np.isfinite(rows)`` (a quarter of a shard's rows again, at the extraction's peak)."""
+    return ~np.isfinite(rows.sum(axis=1, dtype=np.float64))
+
+
 def compute_shard(ex: Extractor, encoded: Sequence[Encoded], shard: int, config: ExtractConfig, pad_id: int
                   ) -> tuple[list[Encoded], np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Rows, losses, target-token counts of shard ``shard`` (rows ``[shard·R, (shard+1)·R)``), and the ids of
@@ -424,7 +431,7 @@ def compute_shard(ex: Extractor, encoded: Sequence[Encoded], shard: int, config:
     lo, hi = shard * config.shard_rows, min(len(encoded), (shard + 1) * config.shard_rows)
     part = list(encoded[lo:hi])
     rows, losses, tokens = encoded_rows_for(ex, part, pad_id, config.batch_size, config.token_budget)
-    bad = ~np.isfinite(rows).all(axis=1) | ~np.isfinite(losses)
+    bad = nonfinite_rows(rows) | ~np.isfinite(losses)
     names: list[str] = []
     if bad.any():
         names = [part[i].id for i in np.flatnonzero(bad)]
@@ -585,6 +592,7 @@ def _extract_single(writer: StoreWriter, plan: "ExtractPlan", *, progress: bool,
                 nonfinite.extend(bad)
                 cov = ex.take_covariance() if config.projection != "dense" else None
                 queue.submit(write, shard, [e.id for e in part], rows, losses, tokens, cov)
+                del rows  # written (or queued): not alive while the next shard's rows are computed
                 bar.update(task, advance=sum(len(e.input_ids) for e in part))
                 if stop_after_shards is not None and shard + 1 >= stop_after_shards:
                     queue.drain()
@@ -703,6 +711,7 @@ def _extract_sharded(ctx: DistContext, plan: ExtractPlan, *, overwrite: bool, pr
                     part, rows, losses, tokens, bad = compute_shard(ex, encoded, shard, config, plan.pad_id)
                     cov = ex.take_covariance() if config.projection != "dense" else None
                     queue.submit(write, shard, [e.id for e in part], rows, losses, tokens, cov, bad)
+                    del rows  # written (or queued): not alive while the next shard's rows are computed
                     bar.update(task, advance=sum(len(e.input_ids) for e in part))
                     if stop_after_shards is not None and count >= stop_after_shards:
                         break

@@ -155,7 +155,7 @@ def raw_to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -
     if dtype == "float32":
         np.copyto(out, raw)
         return out
-    with warnings.catch_warnings():  # shards are read-only memmaps; torch only reads from this tensor
+    with warnings.catch_warnings():  # raw may be a read-only array; torch only reads from this tensor
         warnings.simplefilter("ignore", UserWarning)
         source = torch.from_numpy(raw)
     if dtype == "bfloat16":
@@ -335,20 +335,25 @@ def read_meta(path: Path, rows: int) -> pa.Table:
     return table.select(list(expected))
 
 
+def npy_header(f, path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, data offset)`` of the ``.npy`` file open as ``f`` (read from its start)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, fortran, dtype = readers[version](f)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a valid .npy file ({exc})") from exc
+    return shape, fortran, dtype, f.tell()
+
+
 def check_npy(path: Path, rel: str, rows: int, dim: int, raw_dtype: np.dtype) -> None:
     """Check a shard's ``.npy`` header (shape, dtype, C order) and exact file size without reading data."""
     if not path.is_file():
         raise InputError(f"{path}: missing shard {rel} (the store is damaged; run extract again)")
     with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in readers:
-                raise ValueError(f"unsupported .npy format version {version}")
-            shape, fortran, dtype = readers[version](f)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{path}: not a valid .npy file ({exc})") from exc
-        header_end = f.tell()
+        shape, fortran, dtype, header_end = npy_header(f, path)
     if shape != (rows, dim) or fortran or dtype != raw_dtype:
         raise InputError(
             f"{path}: holds {shape} {dtype}{' (Fortran order)' if fortran else ''}, "

@@ -2,9 +2,11 @@
 
 Validation on open: manifest format/version, completion, dtype, module layout, shard names and row counts,
 each shard's ``.npy`` header and exact size, and (``verify=True``) every SHA-256. A side file (curvature,
-covariances) is checked against its ``files`` record the first time it is read. Reading: shards are
-memory-mapped (the last `OPEN_SHARD_MAPS` kept open), blocks may cross shard boundaries, and with
-``reuse=True`` the next block is read and widened by a background thread while the consumer works.
+covariances) is checked against its ``files`` record the first time it is read. Reading: row blocks are
+read with positioned reads (``os.preadv``) into arrays the reader owns, not taken from memory maps — a
+mapped page stays in the process's resident set once touched, so streaming a 1.5 GB store through maps
+made its whole size count in the peak RSS; blocks may cross shard boundaries, and with ``reuse=True`` the
+next block is read and widened by a background thread while the consumer works.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataworth.store.format import (
     file_records,
     manifest_bytes,
     manifest_field,
+    npy_header,
     parse_modules,
     parse_shards,
     raw_to_float32,
@@ -50,6 +53,10 @@ if TYPE_CHECKING:  # torch is imported lazily: numpy-only readers need not pay f
     import torch
 
 OPEN_SHARD_MAPS = 64  # memory maps a Store keeps open (each holds one file descriptor)
+OPEN_SHARD_FILES = 64  # shard files a Store keeps open for block reads
+
+# os.preadv moves at most this many bytes per call on Linux (0x7ffff000); longer reads loop.
+PREAD_CHUNK_BYTES = 0x7FFFF000
 
 # Python-side bookkeeping of the prefetching reader (thread, future, queue objects): memory budgets reserve it.
 PREFETCH_OVERHEAD_BYTES = 48 * 1024  # measured 27–38 KiB beyond the second block (tracemalloc)
@@ -75,8 +82,13 @@ class Store:
         self._first_rows = [s["first_row"] for s in self._shards]
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._maps_lock = threading.Lock()  # the prefetch thread opens shards too
+        self._files: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # shard → (open file, data offset)
         self._records = file_records(manifest, path / MANIFEST)
         self._checked: set[str] = set()  # side files hashed once per open, not once per read
+
+    def __del__(self) -> None:  # the shard files kept open for block reads
+        for f, _offset in getattr(self, "_files", {}).values():
+            f.close()
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, rows={self.rows}, dim={self.dim}, dtype={self.dtype!r})"
@@ -128,11 +140,10 @@ class Store:
         return [self.path / s["file"] for s in self._shards]
 
     def shard_array(self, i: int) -> np.ndarray:
-        """Shard ``i`` as a read-only memmap ``[rows_i, dim]`` of the raw dtype (``uint16`` bits for bf16).
+        """Shard ``i`` as a read-only memmap ``[rows_i, dim]`` of the raw dtype (``uint16`` bits for bf16), for
+        callers that want random access; the block readers below use positioned reads instead.
 
-        The last `OPEN_SHARD_MAPS` maps are kept: a new map must fault in every page it touches again (a
-        float32 GEMV over page-cached shards: 0.09 s fresh vs 0.067 s kept, for 1.6 GB), and each query batch
-        or curvature pass reads every shard. Kept maps pin no memory (clean page-cache pages).
+        The last `OPEN_SHARD_MAPS` maps are kept (a new map faults in every page it touches again).
         """
         with self._maps_lock:
             mapped = self._maps.pop(i, None)
@@ -150,8 +161,13 @@ class Store:
             out = np.empty((max(stop - start, 0), self.dim), dtype=np.float32)
         elif out.dtype != np.float32 or out.shape != (stop - start, self.dim):
             raise ValueError(f"out must be float32 {(stop - start, self.dim)}, got {out.dtype} {out.shape}")
-        for offset, raw in self._raw_pieces(start, stop):
-            raw_to_float32(raw, self.dtype, out=out[offset : offset + len(raw)])
+        for offset, shard, row, take in self._pieces(start, stop):
+            target = out[offset : offset + take]
+            if self.dtype == "float32" and target.flags.c_contiguous:
+                self._read_shard(shard, row, target)
+            else:
+                raw = np.empty((take, self.dim), dtype=RAW_DTYPES[self.dtype])
+                raw_to_float32(self._read_shard(shard, row, raw), self.dtype, out=target)
         return out
 
     def iter_blocks(self, block_rows: int | None = None, *, reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
@@ -174,8 +190,7 @@ class Store:
         once, e.g. scoring): a block is valid only until the next one is requested and must not be written.
         Two buffers are refilled in turn, the next block by a background thread while the consumer works on
         the current one (reading and float16 → float32 widening overlap the consumer's matrix products; both
-        release the GIL); a float32 range inside one shard is a read-only view of the memory-mapped shard.
-        ``raw=True``: the rows as stored (`raw_rows`: float16, bfloat16 bits as uint16, or float32), not
+        release the GIL). ``raw=True``: the rows as stored (`raw_rows`: float16, bfloat16 bits as uint16, or float32), not
         widened — for consumers that widen a few rows at a time while they are still in cache.
         """
         if raw:
@@ -189,9 +204,6 @@ class Store:
         buffers: list[np.ndarray | None] = [None, None]
 
         def load(slot: int, start: int, stop: int) -> np.ndarray:
-            view = self._shard_view(start, stop) if self.dtype == "float32" else None
-            if view is not None:
-                return view
             if buffers[slot] is None or buffers[slot].shape[0] < stop - start:
                 buffers[slot] = np.empty((stop - start, self.dim), dtype=np.float32)
             return self.read_rows(start, stop, out=buffers[slot][: stop - start])
@@ -211,15 +223,15 @@ class Store:
                 current = following
 
     def raw_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` in the store's on-disk dtype (``uint16`` bits for bfloat16): a read-only view
-        of the memory-mapped shard when the range lies in one shard, else a new array joining the pieces."""
-        pieces = [raw for _offset, raw in self._raw_pieces(start, stop)]
-        if not pieces:
-            return np.empty((0, self.dim), dtype=RAW_DTYPES[self.dtype])
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        """Rows ``[start, stop)`` in the store's on-disk dtype (``uint16`` bits for bfloat16), as a new array."""
+        out = np.empty((max(stop - start, 0), self.dim), dtype=RAW_DTYPES[self.dtype])
+        for offset, shard, row, take in self._pieces(start, stop):
+            self._read_shard(shard, row, out[offset : offset + take])
+        return out
 
-    def _raw_pieces(self, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(offset from start, raw memory-mapped rows)`` of each shard's part of rows ``[start, stop)``."""
+    def _pieces(self, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+        """``(offset from start, shard, first row within the shard, rows)`` of each shard's part of rows
+        ``[start, stop)``."""
         if not 0 <= start <= stop <= self.rows:
             raise IndexError(f"rows [{start}, {stop}) out of range for a store of {self.rows} rows")
         shard = max(bisect.bisect_right(self._first_rows, start) - 1, 0)
@@ -227,14 +239,42 @@ class Store:
         while row < stop:
             first = self._first_rows[shard]
             take = min(stop, first + self._shards[shard]["rows"]) - row
-            yield row - start, self.shard_array(shard)[row - first : row - first + take]
+            yield row - start, shard, row - first, take
             row += take
             shard += 1
 
-    def _shard_view(self, start: int, stop: int) -> np.ndarray | None:
-        """Rows ``[start, stop)`` of a float32 store as a read-only view of one shard, or None across shards."""
-        pieces = list(self._raw_pieces(start, stop))
-        return pieces[0][1] if len(pieces) == 1 else None
+    def _shard_file(self, i: int) -> tuple[Any, int]:
+        """Shard ``i``'s open file and the byte offset of its first row (the last `OPEN_SHARD_FILES` kept;
+        call with ``_maps_lock`` held)."""
+        entry = self._files.pop(i, None)
+        if entry is None:
+            path = self.path / self._shards[i]["file"]
+            f = open(path, "rb", buffering=0)  # noqa: SIM115  (kept open, closed on eviction)
+            entry = (f, npy_header(f, path)[3])
+        self._files[i] = entry
+        while len(self._files) > OPEN_SHARD_FILES:
+            self._files.popitem(last=False)[1][0].close()
+        return entry
+
+    def _read_shard(self, shard: int, row: int, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` (C-contiguous ``[n, dim]`` of the raw dtype) with rows ``row …`` of ``shard``.
+
+        Under the lock, so that no other thread closes the file mid-read (reads come from the page cache; the
+        prefetch thread's widening and the consumer's products run outside it)."""
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        with self._maps_lock:
+            f, data_offset = self._shard_file(shard)
+            position = data_offset + row * self.dim * out.itemsize
+            done = 0
+            while done < len(target):
+                got = os.preadv(f.fileno(), [target[done : done + PREAD_CHUNK_BYTES]], position + done)
+                if got <= 0:
+                    raise InputError(f"{self.path / self._shards[shard]['file']}: ended early (shard truncated "
+                                     "after the store was opened)")
+                done += got
+        return out
 
     def matrix(self) -> np.ndarray:
         """All rows as one float32 array ``[rows, dim]`` (small stores and tests)."""
