@@ -244,7 +244,7 @@ def iter_owned_blocks(store, block_rows: int, ctx: DistContext, *, reuse: bool =
     A single process streams the whole store (``store.iter_blocks``); rank ``r`` of ``W`` streams the shards
     ``i ≡ r (mod W)``, each cut in blocks of at most ``block_rows`` rows (blocks never cross shards).
     ``reuse``: blocks valid only until the next one (``Store.iter_row_ranges``). ``raw``: blocks as stored
-    (``Store.raw_rows``), cut at shard ends in a single process too.
+    (``Store.iter_row_ranges``), cut at shard ends in a single process too.
     """
     if not ctx.active and not raw:
         yield from store.iter_blocks(block_rows, reuse=reuse)

@@ -206,6 +206,9 @@ def test_reused_blocks_equal_fresh_blocks_for_every_dtype_and_blocks_across_shar
             assert block.dtype == np.float32
             seen.append((start, block.copy()))  # a reused block is valid until the next one: copy it
         fresh = list(store.iter_blocks(block_rows))
+        ranges = [(s, min(s + block_rows, 37)) for s in range(0, 37, block_rows)]
+        raw = [(s, b.copy()) for s, b in store.iter_row_ranges(ranges, raw=True)]
+        assert all(np.array_equal(b, store.raw_rows(s, s + len(b))) for s, b in raw)
         assert [s for s, _ in seen] == [s for s, _ in fresh]
         assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(seen, fresh))
     for raw in (False, True):  # blocks are read into the reader's own arrays, never taken from a memory map

@@ -692,7 +692,8 @@ def score_budget(memory_budget_mb: float, store, n_queries: int, top_k: int, mod
 
     Accounted (bytes): a query batch ``Qb × D × 20`` (float64 preconditioning result + float32 copy +
     float64 product temporaries) and top-k state ``Qb × k × 48``, at most half the budget; a block of ``B``
-    rows ``B × ((16 + s)·D + 32·D_max + 48·Qb)`` (the block as read from its shard, ``s`` bytes a number; the
+    rows ``B × ((16 + 2s)·D + 32·D_max + 48·Qb)`` (the block as read from its shard and the next one, read
+    ahead, ``s`` bytes a number; the
     float32 widening of the block for self-influence and of its `SUB_BLOCK_ROWS`-row pieces, with room to
     spare; float64 per-module work of cosine / self-influence, ``[Qb, B]`` scores and their temporaries),
     after a fixed reserve of ``PREFETCH_OVERHEAD_BYTES`` (the block reader's, kept for its other users). Each
@@ -705,7 +706,7 @@ def score_budget(memory_budget_mb: float, store, n_queries: int, top_k: int, mod
     per_query = dim * 20 + top_k * 48
     query_batch = int(min(n_queries, (budget / 2) // per_query))
     raw_bytes = np.dtype(RAW_DTYPES[store.dtype]).itemsize
-    per_row = lambda qb: (16 + raw_bytes) * dim + (32 * d_max if (mode == "cosine" or need_self) else 0) + 48 * qb  # noqa: E731
+    per_row = lambda qb: (16 + 2 * raw_bytes) * dim + (32 * d_max if (mode == "cosine" or need_self) else 0) + 48 * qb  # noqa: E731
     if query_batch < 1 or (budget / 2) // per_row(1) < 1:
         need = (2 * (per_query + per_row(1)) + PREFETCH_OVERHEAD_BYTES) / 2**20
         raise InputError(f"--memory-budget {memory_budget_mb} MiB is too small for rows of {dim} columns; "

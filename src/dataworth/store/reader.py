@@ -190,23 +190,26 @@ class Store:
         once, e.g. scoring): a block is valid only until the next one is requested and must not be written.
         Two buffers are refilled in turn, the next block by a background thread while the consumer works on
         the current one (reading and float16 → float32 widening overlap the consumer's matrix products; both
-        release the GIL). ``raw=True``: the rows as stored (`raw_rows`: float16, bfloat16 bits as uint16, or float32), not
-        widened — for consumers that widen a few rows at a time while they are still in cache.
+        release the GIL). ``raw=True``: the rows as stored (float16, bfloat16 bits as uint16, or float32), not
+        widened — for consumers that widen a few rows at a time while they are still in cache; raw blocks
+        are always reused (as ``reuse=True``).
         """
-        if raw:
-            for start, stop in ranges:
-                yield start, self.raw_rows(start, stop)
-            return
-        if not reuse:
+        if not reuse and not raw:
             for start, stop in ranges:
                 yield start, self.read_rows(start, stop)
             return
         buffers: list[np.ndarray | None] = [None, None]
+        dtype = RAW_DTYPES[self.dtype] if raw else np.float32
 
         def load(slot: int, start: int, stop: int) -> np.ndarray:
             if buffers[slot] is None or buffers[slot].shape[0] < stop - start:
-                buffers[slot] = np.empty((stop - start, self.dim), dtype=np.float32)
-            return self.read_rows(start, stop, out=buffers[slot][: stop - start])
+                buffers[slot] = np.empty((stop - start, self.dim), dtype=dtype)
+            out = buffers[slot][: stop - start]
+            if not raw:
+                return self.read_rows(start, stop, out=out)
+            for offset, shard, row, take in self._pieces(start, stop):
+                self._read_shard(shard, row, out[offset : offset + take])
+            return out
 
         todo = iter(ranges)  # consumed lazily: a small budget may mean very many ranges
         current = next(todo, None)
