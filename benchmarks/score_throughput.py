@@ -8,8 +8,8 @@ A synthetic store per ``--dtypes`` entry (float16 and float32 by default; ``D = 
 ``Q`` in (1, 16, 64) queries it times
 
 - dataworth: ``dataworth.influence.scores.score_rows(store, queries, ids, curvature, mode="dot", top_k=10)`` — reads
-  the store block by block (float16 widened to float32 into a reused buffer; float32 read in place from the
-  memory-mapped shards), multiplies, keeps the exact top-k;
+  the store block by block (positioned reads into two reused buffers, read ahead; float16 widened to
+  float32 in cache-sized pieces), multiplies, keeps the exact top-k;
 - plain: ``rows_f32 @ preconditioned.T`` on the same rows already in memory as one float32 array (read
   before any timing), with ``preconditioned`` the same ``(F + λI)⁻¹`` queries dataworth uses.
 
