@@ -461,9 +461,9 @@ def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:
 
     Accounted per row (bytes): ``8·D`` (two float32 blocks: the current one and the next, read ahead by
     ``Store.iter_row_ranges``) + ``s·D`` (a float16 / bfloat16 block as read, before widening: ``s`` = 2;
-    float32 rows are read straight into the block) + ``32·D_max`` (float64 upcast of the largest module and, for ekfac, the rotated
-    ``Q_Sᵀ Ĝ Q_A`` products and their squares). Fixed, whatever the store size, and taken off the budget
-    first: the reader's ``PREFETCH_OVERHEAD_BYTES`` and three float64 copies of the accumulators (``Σ_m D_m²``
+    float32 rows are read straight into the block) + ``32·D_max`` (float64 upcast of the largest module
+    and, for ekfac, the rotated ``Q_Sᵀ Ĝ Q_A`` products and their squares). Fixed, whatever the store size,
+    and taken off the budget first: the reader's ``PREFETCH_OVERHEAD_BYTES`` and three float64 copies of the accumulators (``Σ_m D_m²``
     for raw, ``Σ_m k_out·k_in`` plus the eigenbases for ekfac). Too small for the fixed part plus one row →
     InputError naming ``--memory-budget`` and the minimum.
     """

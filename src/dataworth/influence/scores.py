@@ -693,9 +693,8 @@ def score_budget(memory_budget_mb: float, store, n_queries: int, top_k: int, mod
     Accounted (bytes): a query batch ``Qb × D × 20`` (float64 preconditioning result + float32 copy +
     float64 product temporaries) and top-k state ``Qb × k × 48``, at most half the budget; a block of ``B``
     rows ``B × ((16 + 2s)·D + 32·D_max + 48·Qb)`` (the block as read from its shard and the next one, read
-    ahead, ``s`` bytes a number; the
-    float32 widening of the block for self-influence and of its `SUB_BLOCK_ROWS`-row pieces, with room to
-    spare; float64 per-module work of cosine / self-influence, ``[Qb, B]`` scores and their temporaries),
+    ahead, ``s`` bytes a number; the float32 widening of the block for self-influence and of its
+    `SUB_BLOCK_ROWS`-row pieces, with room to spare; float64 per-module work of cosine / self-influence, ``[Qb, B]`` scores and their temporaries),
     after a fixed reserve of ``PREFETCH_OVERHEAD_BYTES`` (the block reader's, kept for its other users). Each
     query batch streams the store once, so the store is read ``ceil(Q / Qb)`` times. A budget too small for
     one row of one query → InputError naming ``--memory-budget``.
