@@ -460,15 +460,15 @@ def fit_block_rows(memory_budget_mb: float, store, kind: str) -> int:
     """Rows per block so that one block's buffers fit in ``memory_budget_mb`` MiB while fitting ``kind``.
 
     Accounted per row (bytes): ``8·D`` (two float32 blocks: the current one and the next, read ahead by
-    ``Store.iter_row_ranges``) + ``s·D`` (a float16 / bfloat16 block as read, before widening: ``s`` = 2;
-    float32 rows are read straight into the block) + ``32·D_max`` (float64 upcast of the largest module
+    ``Store.iter_row_ranges``) + ``2s·D`` (the two float16 / bfloat16 blocks as read, before widening:
+    ``s`` = 2; float32 rows are read straight into the blocks) + ``32·D_max`` (float64 upcast of the largest module
     and, for ekfac, the rotated ``Q_Sᵀ Ĝ Q_A`` products and their squares). Fixed, whatever the store size,
     and taken off the budget first: the reader's ``PREFETCH_OVERHEAD_BYTES`` and three float64 copies of the accumulators (``Σ_m D_m²``
     for raw, ``Σ_m k_out·k_in`` plus the eigenbases for ekfac). Too small for the fixed part plus one row →
     InputError naming ``--memory-budget`` and the minimum.
     """
     d_max = max((m.size for m in store.modules), default=store.dim)
-    per_row = (8 + (2 if store.dtype != "float32" else 0)) * store.dim + 32 * d_max
+    per_row = (8 + (4 if store.dtype != "float32" else 0)) * store.dim + 32 * d_max
     fixed = PREFETCH_OVERHEAD_BYTES
     if kind == "raw":  # full blocks: D_m² accumulators; thin ones: the module's N rows (float32) + their SVD
         thin = thin_raw_modules(store)

@@ -198,18 +198,21 @@ class Store:
             for start, stop in ranges:
                 yield start, self.read_rows(start, stop)
             return
-        buffers: list[np.ndarray | None] = [None, None]
-        dtype = RAW_DTYPES[self.dtype] if raw else np.float32
+        widen = not raw and self.dtype != "float32"
+        buffers: list[np.ndarray | None] = [None, None]  # the blocks handed out
+        raws: list[np.ndarray | None] = [None, None]  # float16 / bfloat16 blocks as read, before widening
+
+        def grown(held: list, slot: int, rows: int, dtype) -> np.ndarray:
+            if held[slot] is None or held[slot].shape[0] < rows:
+                held[slot] = np.empty((rows, self.dim), dtype=dtype)
+            return held[slot][:rows]
 
         def load(slot: int, start: int, stop: int) -> np.ndarray:
-            if buffers[slot] is None or buffers[slot].shape[0] < stop - start:
-                buffers[slot] = np.empty((stop - start, self.dim), dtype=dtype)
-            out = buffers[slot][: stop - start]
-            if not raw:
-                return self.read_rows(start, stop, out=out)
+            out = grown(buffers, slot, stop - start, np.float32 if not raw else RAW_DTYPES[self.dtype])
+            target = grown(raws, slot, stop - start, RAW_DTYPES[self.dtype]) if widen else out
             for offset, shard, row, take in self._pieces(start, stop):
-                self._read_shard(shard, row, out[offset : offset + take])
-            return out
+                self._read_shard(shard, row, target[offset : offset + take])
+            return raw_to_float32(target, self.dtype, out=out) if widen else out
 
         todo = iter(ranges)  # consumed lazily: a small budget may mean very many ranges
         current = next(todo, None)
