@@ -7,7 +7,8 @@ fit_s = extraction (store written to DIR/store, with its per-shard KFAC statisti
 score_s = query gradients + scoring every training row. Sign: dataworth's own convention, no flip.
 
 ``--checkpoints ensemble``: the same on every kept checkpoint of the model (``MODEL/checkpoints/epoch-N``),
-scores averaged (TRAK's ensemble / TracIn's checkpoint sum); ``--optimizer adam``: TrackStar scoring
+scores averaged (TRAK's ensemble / TracIn's checkpoint sum; each checkpoint's matrix is kept too, in
+``DIR/scores_by_checkpoint.npy`` ``[C, Q, N]``); ``--optimizer adam``: TrackStar scoring
 (``dataworth.evaluation.methods.trackstar_scores``: exact gradients divided by the checkpoint's √v̂ + ε, unit-normalised;
 ``--rank 0`` = no projection, R = I), which needs ``--projection identity``. Times include every checkpoint.
 """
@@ -81,6 +82,8 @@ def main() -> None:
              f"{len(task.module_names)} layers, {args.dtype} rows, {how}"
              + (", query measures the end token" if args.measure_end_token else "")
              + (f", mean of {len(models)} checkpoints" if len(models) > 1 else ""))
+    if len(models) > 1:  # [C, Q, N] in checkpoint order: weightings of the ensemble are judged offline from it
+        np.save(Path(args.out) / "scores_by_checkpoint.npy", np.asarray(matrices, dtype=np.float32))
     write_result(args.out, "dataworth", np.mean(matrices, axis=0), clock, task, notes=notes, store_dim=int(dims[0]))
 
 

@@ -38,6 +38,7 @@ _API = {
     "score": "dataworth.influence.score",
     "score_rows": "dataworth.influence.scores",
     "load_scores": "dataworth.influence.scores",
+    "combine_scores": "dataworth.influence.ensemble",
     "report": "dataworth.reports.report",
     "value_ledger": "dataworth.reports.ledger",
     "fact_tracing_metrics": "dataworth.evaluation.metrics",

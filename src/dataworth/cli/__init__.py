@@ -26,6 +26,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("extract", "extract_command"),
     ("fit", "fit_command"),
     ("score", "score_command"),
+    ("combine", "combine_command"),
     ("report", "report_command"),
     ("value", "value_command"),
     ("select", "select_group"),

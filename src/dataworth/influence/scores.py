@@ -63,7 +63,7 @@ from dataworth.distributed import (
 from dataworth.errors import InputError, one_line
 from dataworth.influence.curvature import Curvature, check_memory_budget
 from dataworth.store.format import RAW_DTYPES, TMP_FILE, raw_to_float32
-from dataworth.store.reader import PREFETCH_OVERHEAD_BYTES
+from dataworth.store.reader import PREFETCH_OVERHEAD_BYTES, open_store
 from dataworth.util import (
     atomic_write,
     file_record,
@@ -409,6 +409,32 @@ def load_scores(out_dir: str | os.PathLike) -> Scores:
     run.note_unlisted(files)
     return Scores(table=table, summary=summary, query_ids=query_ids, matrix=matrix, self_influence=self_inf,
                   directory=out)
+
+
+def open_scores_store(scores, store=None):
+    """The store a scores directory was computed on: ``store`` (Store or path) or the summary's ``store``.
+
+    Refused (InputError naming both digests) when it is not the store that was scored: the summary's
+    ``store_digest`` must equal the store's `dataworth.store.reader.Store.digest` — a store with other rows
+    in the same number would otherwise credit the wrong documents. Scores written before digests existed
+    are only checked by row count, by the callers.
+    """
+    if store is not None and hasattr(store, "iter_blocks"):
+        opened = store
+    else:
+        path = store if store is not None else scores.summary.get("store")
+        if not path:
+            raise InputError("scores summary.json: field 'store' is empty; pass --store")
+        if not Path(path).is_dir():
+            raise InputError(f"--store {path}: no such store directory (recorded in the scores' summary.json); "
+                             "pass --store with the store the scores were computed on")
+        opened = open_store(path, verify=False)
+    expected = scores.summary.get("store_digest")
+    if expected and opened.digest != expected:
+        raise InputError(f"--store {opened.path}: store digest {opened.digest[:16]}… differs from the digest "
+                         f"{expected[:16]}… of the store the scores were computed on "
+                         f"({scores.summary.get('store')}); pass that store, or score again against this one")
+    return opened
 
 
 def _legacy_files(out: Path, summary: dict) -> dict[str, str]:

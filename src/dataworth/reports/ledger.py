@@ -35,8 +35,7 @@ import pandas as pd
 
 from dataworth.data.rows import load_rows
 from dataworth.errors import InputError
-from dataworth.influence.scores import Scores, load_scores
-from dataworth.store.reader import open_store
+from dataworth.influence.scores import Scores, load_scores, open_scores_store
 from dataworth.util import atomic_write
 
 MISSING = "<missing>"
@@ -180,32 +179,6 @@ def value_ledger(scores_dir, by: str | None = None, *, store=None, data: str | N
     if out is not None:
         save_ledger(ledger, out, by)
     return ledger
-
-
-def open_scores_store(scores, store=None):
-    """The store a scores directory was computed on: ``store`` (Store or path) or the summary's ``store``.
-
-    Refused (InputError naming both digests) when it is not the store that was scored: the summary's
-    ``store_digest`` must equal the store's `dataworth.store.reader.Store.digest` — a store with other rows
-    in the same number would otherwise credit the wrong documents. Scores written before digests existed
-    are only checked by row count, by the callers.
-    """
-    if store is not None and hasattr(store, "iter_blocks"):
-        opened = store
-    else:
-        path = store if store is not None else scores.summary.get("store")
-        if not path:
-            raise InputError("scores summary.json: field 'store' is empty; pass --store")
-        if not Path(path).is_dir():
-            raise InputError(f"--store {path}: no such store directory (recorded in the scores' summary.json); "
-                             "pass --store with the store the scores were computed on")
-        opened = open_store(path, verify=False)
-    expected = scores.summary.get("store_digest")
-    if expected and opened.digest != expected:
-        raise InputError(f"--store {opened.path}: store digest {opened.digest[:16]}… differs from the digest "
-                         f"{expected[:16]}… of the store the scores were computed on "
-                         f"({scores.summary.get('store')}); pass that store, or score again against this one")
-    return opened
 
 
 def training_rows(store, data: str | None = None) -> list:

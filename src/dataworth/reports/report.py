@@ -31,8 +31,8 @@ from dataworth.errors import InputError
 from dataworth.gradients.queries import query_gradients, token_contributions
 from dataworth.influence.curvature import load_curvature, load_kfac_factors
 from dataworth.influence.score import load_store_model
-from dataworth.influence.scores import load_scores
-from dataworth.reports.ledger import open_scores_store, training_rows, value_ledger
+from dataworth.influence.scores import load_scores, open_scores_store
+from dataworth.reports.ledger import training_rows, value_ledger
 from dataworth.reports.plots import (
     ScoreDistributionPlotter,
     module_spectra,
