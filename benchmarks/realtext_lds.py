@@ -233,6 +233,29 @@ def padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def learning_rates(cfg: LoopConfig, n_train: int):
+    """``step → learning rate`` of `plain_train` on ``n_train`` documents: linear warm-up, cosine decay."""
+    total = math.ceil(n_train / cfg.batch_size) * cfg.epochs
+    warmup = max(1, int(cfg.warmup_ratio * total))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return lr_at
+
+
+def segment_lr_weights(cfg: LoopConfig, n_train: int) -> list[float]:
+    """TracIn's checkpoint weights, normalised: the sum of the learning rates of the steps between the
+    previous kept checkpoint (or the start) and each kept one (epochs 2/4/6/8: 0.40, 0.34, 0.19, 0.07)."""
+    lr_at, per_epoch = learning_rates(cfg, n_train), math.ceil(n_train / cfg.batch_size)
+    ends = [0, *cfg.checkpoints]
+    sums = [sum(lr_at(t) for t in range(a * per_epoch, b * per_epoch)) for a, b in zip(ends, ends[1:])]
+    return [x / sum(sums) for x in sums]
+
+
 def plain_train(cfg: LoopConfig, tokenizer, texts: list[str], seed: int, save_dir: Path | None = None):
     """AdamW with linear warm-up and cosine decay over ``cfg.epochs`` epochs of shuffled batches, token-mean
     next-token loss, gradient clipping; returns the model in eval mode. With ``save_dir``: the final model and
@@ -247,16 +270,7 @@ def plain_train(cfg: LoopConfig, tokenizer, texts: list[str], seed: int, save_di
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_ratio * total))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return cfg.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
+    lr_at = learning_rates(cfg, len(seqs))
     gen = torch.Generator().manual_seed(seed)
     step = 0
     model.train()
@@ -388,10 +402,12 @@ WHITENED = ("--projection", "whitened", "--rank", "64", "--curvature", "ekfac", 
 WHITEN_FRACTIONS = ("1e-1", "1e-2", "1e-4")  # --whiten-damping rows beside the default 1e-3 (slow rows)
 
 
-def methods(arch: str) -> list[P.Method]:
+def methods(arch: str, n_train: int = 1000) -> list[P.Method]:
     """The table's rows: dataworth's defaults and one factor at a time, the peers at their defaults, baselines."""
     dw = "run_dataworth.py"
     exact = ("--projection", "identity", "--curvature", "ekfac")
+    tracin = ("--checkpoints", "ensemble", "--standardise", "--ensemble-weights",
+              ",".join(f"{w:.6f}" for w in segment_lr_weights(replace(LoopConfig(), arch=arch), n_train)))
     return [
         P.Method("dataworth defaults", dw, ("--defaults",), peer=False),
         P.Method("dataworth defaults (damping 0.1x)", dw, ("--defaults", "--damping", "0.1x"), peer=False),
@@ -405,6 +421,8 @@ def methods(arch: str) -> list[P.Method]:
         P.Method("dataworth random-128 ekfac", dw, ("--rank", "128", "--curvature", "ekfac"), peer=False),
         P.Method("dataworth defaults (4-checkpoint ensemble)", dw, ("--defaults", "--checkpoints", "ensemble"),
                  peer=False),
+        P.Method("dataworth defaults (4-checkpoint ensemble, lr-weighted, standardised)", dw, ("--defaults", *tracin),
+                 peer=False),
         P.Method("dataworth whitened-64 ekfac", dw, WHITENED, peer=False),
         P.Method("dataworth whitened-64 ekfac (4-checkpoint ensemble)", dw, (*WHITENED, "--checkpoints", "ensemble"),
                  peer=False),
@@ -415,6 +433,8 @@ def methods(arch: str) -> list[P.Method]:
           for f in WHITEN_FRACTIONS),
         P.Method("dataworth exact ekfac", dw, exact, peer=False),
         P.Method("dataworth exact ekfac (4-checkpoint ensemble)", dw, (*exact, "--checkpoints", "ensemble"), peer=False),
+        P.Method("dataworth exact ekfac (4-checkpoint ensemble, lr-weighted, standardised)", dw, (*exact, *tracin),
+                 peer=False),
         P.Method("dataworth exact ekfac (damping 1e-8)", dw, (*exact, "--damping", "1e-8"), peer=False),
         P.Method("dataworth exact ekfac (damping 0.1x)", dw, (*exact, "--damping", "0.1x"), peer=False),
         P.Method("dataworth exact ekfac (end token)", dw, (*exact, "--measure-end-token"), peer=False),
@@ -437,7 +457,7 @@ def methods(arch: str) -> list[P.Method]:
 
 
 # Run only when named in --methods (or with --slow): minutes of CPU or ~10 GB each on these models.
-SLOW = {"dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in WHITEN_FRACTIONS), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
+SLOW = {"dataworth exact ekfac (4-checkpoint ensemble, lr-weighted, standardised)", "dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in WHITEN_FRACTIONS), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
         "dataworth exact ekfac (end token)", "dataworth exact ekfac (mlp)", "dataworth exact ekfac (float16 rows)",
         "kronfluence-ekfac (empirical Fisher)", "kronfluence-ekfac (damping 0.1x)"}
 
@@ -481,7 +501,7 @@ def run_config(args, corpus: str, arch: str, python: str | None) -> dict:
     loop = replace(LoopConfig(), arch=arch)
     out = Path(args.out) / f"{corpus}-{arch}"
     build_task(out, corpus, loop, args.rows, args.queries, args.subsets, args.ceiling, stop_after=0)
-    chosen = methods(arch)
+    chosen = methods(arch, args.rows)
     if args.methods:
         wanted = {m.strip() for m in args.methods.split(",")}
         unknown = sorted(wanted - {m.name for m in chosen})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,12 @@ def test_queries_are_held_out_documents_never_training_ones(monkeypatch):
     assert ident["digest"] == realtext.task_rows("stdlib", 40, 10, seed=3)[2]["digest"]
     with pytest.raises(realtext.InputError, match="fewer than"):
         realtext.task_rows("stdlib", 55, 10, seed=3)
+
+
+def test_tracin_weights_are_the_learning_rate_sums_of_each_checkpoints_segment():
+    loop = realtext.LoopConfig(checkpoints=(1, 3))
+    lr_at = realtext.learning_rates(loop, 100)  # 4 steps an epoch, 32 in all
+    sums = [sum(lr_at(t) for t in range(0, 4)), sum(lr_at(t) for t in range(4, 12))]
+    assert realtext.segment_lr_weights(loop, 100) == pytest.approx([x / sum(sums) for x in sums])
+    assert lr_at(0) == pytest.approx(loop.lr / 1) and lr_at(31) == pytest.approx(
+        loop.lr * (loop.min_lr_ratio + (1 - loop.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * 30 / 31))))

@@ -7,7 +7,8 @@ fit_s = extraction (store written to DIR/store, with its per-shard KFAC statisti
 score_s = query gradients + scoring every training row. Sign: dataworth's own convention, no flip.
 
 ``--checkpoints ensemble``: the same on every kept checkpoint of the model (``MODEL/checkpoints/epoch-N``),
-scores averaged (TRAK's ensemble / TracIn's checkpoint sum; each checkpoint's matrix is kept too, in
+scores averaged (TRAK's ensemble / TracIn's checkpoint sum; ``--ensemble-weights`` / ``--standardise`` as
+``dataworth combine --weights / --standardise``, the same function; each checkpoint's matrix is kept too, in
 ``DIR/scores_by_checkpoint.npy`` ``[C, Q, N]``); ``--optimizer adam``: TrackStar scoring
 (``dataworth.evaluation.methods.trackstar_scores``: exact gradients divided by the checkpoint's √v̂ + ε, unit-normalised;
 ``--rank 0`` = no projection, R = I), which needs ``--projection identity``. Times include every checkpoint.
@@ -36,6 +37,10 @@ def options(ap) -> None:
     ap.add_argument("--damping", default=None, help="as dataworth fit --damping [auto]")
     ap.add_argument("--checkpoints", default="final", choices=("final", "ensemble"),
                     help="ensemble: average the scores of every MODEL/checkpoints/epoch-N")
+    ap.add_argument("--ensemble-weights", default=None,
+                    help="--checkpoints ensemble: one weight per checkpoint, comma-separated [equal]")
+    ap.add_argument("--standardise", action="store_true",
+                    help="--checkpoints ensemble: each checkpoint's scores over its spread per query first")
     ap.add_argument("--optimizer", default="none", choices=("none", "adam"), help="adam: TrackStar scoring")
     ap.add_argument("--whiten-damping", type=float, default=None,
                     help="--projection whitened: factor damping as a fraction of its mean eigenvalue [ExtractConfig's]")
@@ -52,6 +57,7 @@ def main() -> None:
     from dataworth.evaluation.methods import AttributionConfig
     from dataworth.gradients.extract import ExtractConfig
     from dataworth.influence.curvature import DEFAULT_CURVATURE
+    from dataworth.influence.ensemble import ensemble_scores, parse_weights
 
     if args.defaults:
         d = ExtractConfig()
@@ -84,7 +90,12 @@ def main() -> None:
              + (f", mean of {len(models)} checkpoints" if len(models) > 1 else ""))
     if len(models) > 1:  # [C, Q, N] in checkpoint order: weightings of the ensemble are judged offline from it
         np.save(Path(args.out) / "scores_by_checkpoint.npy", np.asarray(matrices, dtype=np.float32))
-    write_result(args.out, "dataworth", np.mean(matrices, axis=0), clock, task, notes=notes, store_dim=int(dims[0]))
+    weights = parse_weights(args.ensemble_weights, len(matrices))
+    if args.ensemble_weights or args.standardise:
+        notes += (f", weights {', '.join(f'{w:.3g}' for w in weights)}" if args.ensemble_weights else "") + (
+            ", each standardised per query" if args.standardise else "")
+    write_result(args.out, "dataworth", ensemble_scores(matrices, weights, args.standardise), clock, task,
+                 notes=notes, store_dim=int(dims[0]))
 
 
 def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list) -> np.ndarray:

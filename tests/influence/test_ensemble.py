@@ -65,6 +65,18 @@ def test_combined_matrix_is_the_weighted_mean_and_its_top_k_the_stable_argsort(r
     assert loaded.summary["store"] == S.load_scores(dirs[-1]).summary["store"]  # the last run's
 
 
+def test_standardised_runs_are_divided_by_their_spread_over_the_rows_per_query(runs, tmp_path):
+    _root, dirs = runs
+    mats = [np.asarray(S.load_scores(d).matrix, dtype=np.float64) for d in dirs]
+    result = E.combine_scores(dirs, tmp_path / "ens", weights=[3, 1, 0], standardise=True)
+    expected = (3 * mats[0] / mats[0].std(axis=1, keepdims=True) + mats[1] / mats[1].std(axis=1, keepdims=True)) / 4
+    np.testing.assert_allclose(result.matrix, expected, rtol=1e-6, atol=1e-6)
+    assert result.summary["standardised"] and "standardised" in result.summary["notes"][0]
+    flat = np.vstack([np.full((1, 6), 2.5), np.arange(6.0)[None]])  # a query whose scores are all equal
+    np.testing.assert_allclose(E.ensemble_scores([flat], np.ones(1), standardise=True),
+                               np.vstack([flat[:1], flat[1:] / flat[1].std()]))
+
+
 def test_equal_weights_by_default_and_value_reads_the_combined_run(runs, tmp_path):
     _root, dirs = runs
     result = E.combine_scores(dirs[:2], tmp_path / "ens")

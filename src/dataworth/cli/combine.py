@@ -11,10 +11,13 @@ from dataworth.influence.ensemble import combine_scores
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output scores directory.")
 @click.option("--weights", default=None,
-              help="One weight per run, comma-separated (normalised to sum 1) [equal].")
+              help="One weight per run, comma-separated (normalised to sum 1) [equal]; TracIn's: the sum of the "
+                   "learning rates of the steps each checkpoint stands for.")
+@click.option("--standardise", is_flag=True,
+              help="Divide each run's scores by their standard deviation over the rows, per query, first.")
 @click.option("--top-k", "top_k", type=int, default=None,
               help="Rows kept per query and direction [the largest any run kept].")
-def combine_command(runs, out, weights, top_k):
+def combine_command(runs, out, weights, standardise, top_k):
     """Average the full score matrices of RUNS (scores directories from `dataworth score --full`, same
     queries, rows in the same order) into OUT: TRAK's model ensemble / TracIn's sum over checkpoints.
 
@@ -30,7 +33,7 @@ def combine_command(runs, out, weights, top_k):
       done
       dataworth combine scores/epoch-2 scores/epoch-4 scores/model --out scores/ensemble
     """
-    result = combine_scores(list(runs), out, weights=weights, top_k=top_k)
+    result = combine_scores(list(runs), out, weights=weights, standardise=standardise, top_k=top_k)
     summary = result.summary
     weights = ", ".join(f"{entry['weight']:.4g}" for entry in summary["ensemble"])
     click.echo(f"combined {len(runs)} runs: {summary['n_queries']} queries × {summary['n_rows']} rows "

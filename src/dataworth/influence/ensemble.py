@@ -7,6 +7,10 @@ closed most of the gap (README, "Real text"). A user who kept checkpoints extrac
 
     s(q, n) = Σ_c w_c s_c(q, n)          w_c ≥ 0, Σ_c w_c = 1 (given weights are normalised)
 
+optionally with each run's scores of a query divided by their standard deviation over the rows first
+(``standardise``). TracIn (Pruthi et al. 2020) weights each checkpoint by the learning rate of the training
+it stands for: ``w_c ∝ Σ η`` over the steps between the previous checkpoint and this one.
+
 Each run must hold its full matrix (``dataworth score --full``), the same queries in the same order, the
 same mode and curvature kind, and be computed on a store with the same row ids in the same order (every
 store is opened and checked against its run's recorded digest). The result is an ordinary scores
@@ -38,7 +42,7 @@ from dataworth.influence.scores import (
     topk_table,
 )
 
-# float64 accumulator + one float32 slice of one run per query batch: about this many MiB at most.
+# A query batch holds every run's float32 slice, the float64 sum and a float64 part: about this many MiB.
 COMBINE_BUDGET_MB = 128
 COLUMN_BLOCK = 65536  # columns merged into the top-k at a time
 
@@ -62,12 +66,32 @@ def parse_weights(text: str | Sequence[float] | None, n_runs: int) -> np.ndarray
     return values / values.sum()
 
 
+def ensemble_scores(parts: Sequence[np.ndarray], weights: np.ndarray, standardise: bool = False) -> np.ndarray:
+    """``Σ_c w_c s_c`` ``[Q, N]`` float64 of the runs' score slices ``parts`` (each ``[Q, N]``, the same queries).
+
+    ``standardise``: each run's row of scores for a query is first divided by its standard deviation over the
+    ``N`` training rows (a row of equal scores is left as it is), so that every checkpoint casts a vote of
+    the same size per query whatever the scale of its gradients and curvature (later checkpoints score
+    larger: 184 → 232 mean |s| over four checkpoints of the real-text GPT-2).
+    """
+    total = np.zeros(np.shape(parts[0]), dtype=np.float64)
+    for weight, part in zip(weights, parts):
+        part = np.asarray(part, dtype=np.float64)
+        if standardise:
+            spread = part.std(axis=1, keepdims=True)
+            part = part / np.where(spread > 0, spread, 1.0)
+        total += weight * part
+    return total
+
+
 def combine_scores(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                   weights: str | Sequence[float] | None = None, top_k: int | None = None) -> Scores:
+                   weights: str | Sequence[float] | None = None, standardise: bool = False,
+                   top_k: int | None = None) -> Scores:
     """``dw.combine_scores``: the weighted mean of the full score matrices of ``runs`` (scores directories,
     each from ``dataworth score --full``), saved to ``out`` as one scores run; see the module docstring.
 
-    ``weights``: one per run (normalised to sum 1; default equal). ``top_k``: rows kept per query and
+    ``weights``: one per run (normalised to sum 1; default equal). ``standardise``: divide each run's scores
+    by their spread over the rows, per query, first (`ensemble_scores`). ``top_k``: rows kept per query and
     direction (default: the largest any run kept, clamped to the row count).
     """
     started = time.perf_counter()
@@ -89,7 +113,7 @@ def combine_scores(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     try:
         matrix = np.lib.format.open_memmap(staging / SCORES_FILES["matrix"], mode="w+", dtype=np.float32,
                                            shape=(n_queries, n_rows))
-        positive, negative = _weighted_mean_into(matrix, runs, loaded, w, k)
+        positive, negative = _weighted_mean_into(matrix, runs, loaded, w, k, standardise)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -112,7 +136,9 @@ def combine_scores(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         "ensemble": [{"scores": str(Path(r).resolve()), "run_id": s.summary.get("run_id"),
                       "store": s.summary.get("store"), "weight": float(wc)}
                      for r, s, wc in zip(runs, loaded, w)],
-        "notes": [f"weighted mean of {len(runs)} scores runs (weights {', '.join(f'{x:.4g}' for x in w)})"],
+        "standardised": bool(standardise),
+        "notes": [f"weighted mean of {len(runs)} scores runs (weights {', '.join(f'{x:.4g}' for x in w)}"
+                  + (", each standardised per query" if standardise else "") + ")"],
         "timings": {"total_s": round(time.perf_counter() - started, 6)},
     }
     result = Scores(table=table, summary=summary, query_ids=list(first.query_ids), matrix=matrix)
@@ -146,25 +172,23 @@ def _check_compatible(run: Path, scores: Scores, store, first: Scores, train_ids
                              f"{first_run}'s is {first.summary.get(field)!r}; combine runs scored the same way")
 
 
-def _weighted_mean_into(matrix: np.ndarray, runs, loaded: list[Scores], weights: np.ndarray, k: int):
-    """Fill ``matrix`` ``[Q, N]`` with ``Σ_c w_c s_c`` (float64 sums, query batch by query batch) and return
+def _weighted_mean_into(matrix: np.ndarray, runs, loaded: list[Scores], weights: np.ndarray, k: int,
+                        standardise: bool):
+    """Fill ``matrix`` ``[Q, N]`` with `ensemble_scores` (float64, query batch by query batch) and return
     its exact top-k states (positive, negative). A non-finite score is refused, naming the run and query."""
     n_queries, n_rows = matrix.shape
-    query_batch = max(1, min(n_queries, (COMBINE_BUDGET_MB << 20) // max(1, 12 * n_rows)))
+    query_batch = max(1, min(n_queries, (COMBINE_BUDGET_MB << 20) // max(1, 8 * (len(runs) + 2) * n_rows)))
     positive_parts, negative_parts = [], []
     for q0 in range(0, n_queries, query_batch):
         q1 = min(n_queries, q0 + query_batch)
-        total = np.zeros((q1 - q0, n_rows), dtype=np.float64)
-        for run, weight, scores in zip(runs, weights, loaded):
-            part = np.asarray(scores.matrix[q0:q1], dtype=np.float64)
+        parts = [np.asarray(scores.matrix[q0:q1]) for scores in loaded]
+        for run, scores, part in zip(runs, loaded, parts):
             if not np.isfinite(part).all():
                 bad = q0 + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
                 raise InputError(f"{run}/scores.npy: non-finite score for query {bad} "
                                  f"({scores.query_ids[bad]!r}); re-run `dataworth score --full` there")
-            total += weight * part
-            del part
-        values = total.astype(np.float32)
-        del total
+        values = ensemble_scores(parts, weights, standardise).astype(np.float32)
+        del parts
         matrix[q0:q1] = values
         positive = StreamingTopK(q1 - q0, k, descending=True)
         negative = StreamingTopK(q1 - q0, k, descending=False)
