@@ -347,8 +347,12 @@ def test_score_with_a_model_of_another_fingerprint_names_both(random_store, fake
 def test_query_rows_generated_by_another_model_name_both_fingerprints(random_store, fake_model, tmp_path):
     rows = [QUERY_ROWS[0], {**QUERY_ROWS[1], "model": {"fingerprint": "fp-generator"}}]
     qfile = write_queries(tmp_path / "q.jsonl", rows)
-    with pytest.raises(InputError, match=r"q.jsonl:2 field 'model'.*fp-generator.*fp-store"):
+    with pytest.raises(InputError, match=r"q.jsonl:2 field 'model'.*fp-generator.*fp-store.*--allow-other-query-model"):
         SC.score(random_store.path, qfile, curvature="none")
+    allowed = SC.score(random_store.path, qfile, curvature="none", allow_other_query_model=True)  # a checkpoint
+    direct = S.score_rows(random_store, queries(2), ["alice", "bob"], C.load_curvature(random_store, "none"))
+    pd.testing.assert_frame_equal(allowed.to_pandas(), direct.to_pandas())
+    assert any("fp-generator" in n and "--allow-other-query-model" in n for n in allowed.summary["notes"])
 
 
 def test_empty_query_file_is_an_input_error(random_store, fake_model, tmp_path):

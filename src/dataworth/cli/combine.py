@@ -29,7 +29,8 @@ def combine_command(runs, out, weights, standardise, top_k):
       for c in ckpt/epoch-2 ckpt/epoch-4 model; do
         dataworth extract --model $c --data train.jsonl --out stores/$(basename $c)
         dataworth fit --store stores/$(basename $c)
-        dataworth score --store stores/$(basename $c) --queries q.jsonl --out scores/$(basename $c) --full
+        dataworth score --store stores/$(basename $c) --queries q.jsonl --out scores/$(basename $c) --full \\
+            --allow-other-query-model   # q.jsonl: the final model's answers
       done
       dataworth combine scores/epoch-2 scores/epoch-4 scores/model --out scores/ensemble
     """
