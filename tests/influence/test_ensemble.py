@@ -92,6 +92,8 @@ def test_runs_that_do_not_line_up_are_refused_naming_the_run_and_field(runs, tmp
     root, dirs = runs
     with pytest.raises(InputError, match="at least two"):
         E.combine_scores(dirs[:1], tmp_path / "a")
+    with pytest.raises(InputError, match="is one of the runs being combined"):
+        E.combine_scores(dirs, dirs[1])
     other_rows = scored_run(root, "short", seed=9, n_rows=N_ROWS - 1)
     with pytest.raises(InputError, match=r"scores-short: its store .* has row 29 = '\(none\)' where "
                                          r".*scores-c0's store has 'row29'"):

@@ -98,12 +98,14 @@ def combine_scores(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     if len(runs) < 2:
         raise InputError(f"combine: give at least two scores directories, got {len(runs)}")
     w = parse_weights(weights, len(runs))
+    target = Path(out).resolve()
+    if any(Path(r).resolve() == target for r in runs):
+        raise InputError(f"--out {out}: is one of the runs being combined; write the ensemble elsewhere")
     loaded = [load_scores(r) for r in runs]
     first, last = loaded[0], loaded[-1]
-    stores = [open_scores_store(s) for s in loaded]
-    train_ids = [str(i) for i in stores[0].ids]
-    for run, scores, store in zip(runs, loaded, stores):
-        _check_compatible(Path(run), scores, store, first, train_ids, Path(runs[0]))
+    train_ids = [str(i) for i in open_scores_store(first).ids]
+    for run, scores in zip(runs, loaded):  # one store's ids held at a time besides the first's
+        _check_compatible(Path(run), scores, open_scores_store(scores), first, train_ids, Path(runs[0]))
     n_queries, n_rows = len(first.query_ids), len(train_ids)
     k = min(int(top_k) if top_k is not None else max(int(s.summary.get("top_k", 1)) for s in loaded), n_rows)
     if k < 1:
