@@ -421,7 +421,7 @@ def methods(arch: str, n_train: int = 1000) -> list[P.Method]:
         P.Method("dataworth random-128 ekfac", dw, ("--rank", "128", "--curvature", "ekfac"), peer=False),
         P.Method("dataworth defaults (4-checkpoint ensemble)", dw, ("--defaults", "--checkpoints", "ensemble"),
                  peer=False),
-        P.Method("dataworth defaults (4-checkpoint ensemble, lr-weighted, standardised)", dw, ("--defaults", *tracin),
+        P.Method("dataworth defaults (lr-weighted standardised 4-checkpoint ensemble)", dw, ("--defaults", *tracin),
                  peer=False),
         P.Method("dataworth whitened-64 ekfac", dw, WHITENED, peer=False),
         P.Method("dataworth whitened-64 ekfac (4-checkpoint ensemble)", dw, (*WHITENED, "--checkpoints", "ensemble"),
@@ -433,7 +433,7 @@ def methods(arch: str, n_train: int = 1000) -> list[P.Method]:
           for f in WHITEN_FRACTIONS),
         P.Method("dataworth exact ekfac", dw, exact, peer=False),
         P.Method("dataworth exact ekfac (4-checkpoint ensemble)", dw, (*exact, "--checkpoints", "ensemble"), peer=False),
-        P.Method("dataworth exact ekfac (4-checkpoint ensemble, lr-weighted, standardised)", dw, (*exact, *tracin),
+        P.Method("dataworth exact ekfac (lr-weighted standardised 4-checkpoint ensemble)", dw, (*exact, *tracin),
                  peer=False),
         P.Method("dataworth exact ekfac (damping 1e-8)", dw, (*exact, "--damping", "1e-8"), peer=False),
         P.Method("dataworth exact ekfac (damping 0.1x)", dw, (*exact, "--damping", "0.1x"), peer=False),
@@ -457,7 +457,7 @@ def methods(arch: str, n_train: int = 1000) -> list[P.Method]:
 
 
 # Run only when named in --methods (or with --slow): minutes of CPU or ~10 GB each on these models.
-SLOW = {"dataworth exact ekfac (4-checkpoint ensemble, lr-weighted, standardised)", "dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in WHITEN_FRACTIONS), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
+SLOW = {"dataworth exact ekfac (lr-weighted standardised 4-checkpoint ensemble)", "dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in WHITEN_FRACTIONS), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
         "dataworth exact ekfac (end token)", "dataworth exact ekfac (mlp)", "dataworth exact ekfac (float16 rows)",
         "kronfluence-ekfac (empirical Fisher)", "kronfluence-ekfac (damping 0.1x)"}
 
