@@ -445,6 +445,8 @@ def methods(arch: str, n_train: int = 1000) -> list[P.Method]:
         P.Method("dataworth trackstar ensemble", dw, ("--projection", "identity", "--rank", "0", "--optimizer", "adam",
                                                       "--checkpoints", "ensemble"), peer=False),
         P.Method("kronfluence-ekfac", "run_kronfluence.py", ("--strategy", "ekfac", "--damping", "default")),
+        P.Method("kronfluence-ekfac (lr-weighted standardised 4-checkpoint ensemble)", "run_kronfluence.py",
+                 ("--strategy", "ekfac", "--damping", "default", *tracin)),
         P.Method("kronfluence-ekfac (empirical Fisher)", "run_kronfluence.py",
                  ("--strategy", "ekfac", "--damping", "default", "--empirical-fisher")),
         P.Method("kronfluence-ekfac (damping 0.1x)", "run_kronfluence.py", ("--strategy", "ekfac",
@@ -457,7 +459,8 @@ def methods(arch: str, n_train: int = 1000) -> list[P.Method]:
 
 
 # Run only when named in --methods (or with --slow): minutes of CPU or ~10 GB each on these models.
-SLOW = {"dataworth exact ekfac (lr-weighted standardised 4-checkpoint ensemble)", "dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in WHITEN_FRACTIONS), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
+SLOW = {"dataworth exact ekfac (lr-weighted standardised 4-checkpoint ensemble)",
+        "kronfluence-ekfac (lr-weighted standardised 4-checkpoint ensemble)", "dataworth random-128x32 ekfac", "dataworth random-32x128 ekfac", *(f"dataworth whitened-64 ekfac (whiten {f})" for f in WHITEN_FRACTIONS), "dataworth random-64 raw", "dataworth exact ekfac (4-checkpoint ensemble)", "dataworth trackstar ensemble", "dataworth exact ekfac (damping 0.1x)",
         "dataworth exact ekfac (end token)", "dataworth exact ekfac (mlp)", "dataworth exact ekfac (float16 rows)",
         "kronfluence-ekfac (empirical Fisher)", "kronfluence-ekfac (damping 0.1x)"}
 

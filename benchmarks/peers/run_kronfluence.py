@@ -8,6 +8,9 @@ Uses Kronfluence's documented public API only: a ``Task`` (``compute_train_loss`
 ``Analyzer.compute_pairwise_scores``. fit_s = ``fit_all_factors`` (covariances, eigendecomposition,
 eigenvalue correction for ``ekfac``; nearly nothing for ``identity``); score_s = ``compute_pairwise_scores``,
 which computes the training gradients itself (Kronfluence has no separate extraction stage).
+``--checkpoints ensemble``: the same at every kept checkpoint, combined with dataworth's
+``dataworth.influence.ensemble.ensemble_scores`` (Kronfluence ships no checkpoint ensemble; this is the loop a
+user would write around it, so both tools get the same ensemble).
 
 Sign: Kronfluence's pairwise score is ``∇f(query)ᵀ (G + λI)⁻¹ ∇L(train)`` with no minus sign; with the
 measurement ``f`` = the query's summed loss, up-weighting a training row by ε changes the parameters by
@@ -36,6 +39,11 @@ def options(ap) -> None:
                                                       "'default' = ScoreArguments' own default; or a number")
     ap.add_argument("--empirical-fisher", action="store_true",
                     help="fit the factors on the observed labels' gradients (Kronfluence samples labels by default)")
+    ap.add_argument("--checkpoints", default="final", choices=("final", "ensemble"),
+                    help="ensemble: the same at every MODEL/checkpoints/epoch-N, combined as dataworth combines")
+    ap.add_argument("--ensemble-weights", default=None, help="--checkpoints ensemble: one weight per checkpoint")
+    ap.add_argument("--standardise", action="store_true",
+                    help="--checkpoints ensemble: each checkpoint's scores over their spread per query first")
 
 
 def make_task_class():
@@ -92,13 +100,44 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 def main() -> None:
     args = parse_args(__doc__, options)
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.utils.dataset import DataLoaderKwargs
+    import kronfluence
 
     clock = Stopwatch()
     with clock("load"):
         task = load_task(args)
+    models = [Path(args.model)]
+    if args.checkpoints == "ensemble":
+        models = sorted((Path(args.model) / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not models:
+            raise SystemExit(f"{args.model}: no checkpoints/epoch-N to ensemble")
+    matrices = []
+    for i, model_dir in enumerate(models):
+        if i > 0 or args.checkpoints == "ensemble":
+            with clock("load"):
+                task = load_task(args, model_dir=str(model_dir))
+        matrices.append(kronfluence_scores(args, task, clock))
+    scores = matrices[0]
+    notes = (f"Kronfluence {getattr(kronfluence, '__version__', '?')} strategy={args.strategy}, "
+             + ("" if args.strategy == "identity" else
+                f"damping {args.damping}, " + ("empirical" if args.empirical_fisher else "true (sampled-label)")
+                + " Fisher, ") + "unprojected gradients, measurement = summed response loss")
+    if len(models) > 1:  # the same ensemble as dataworth's adapter and `dataworth combine` (dataworth's function)
+        from dataworth.influence.ensemble import ensemble_scores, parse_weights
+
+        weights = parse_weights(args.ensemble_weights, len(matrices))
+        scores = ensemble_scores(matrices, weights, args.standardise)
+        notes += (f", ensemble of {len(models)} checkpoints, weights {', '.join(f'{w:.3g}' for w in weights)}"
+                  + (", each standardised per query" if args.standardise else ""))
+    write_result(args.out, f"kronfluence-{args.strategy}", scores, clock, task, notes=notes)
+
+
+def kronfluence_scores(args, task, clock: Stopwatch):
+    """``[Q, N]`` float32 pairwise scores of ``task``'s model (factors fitted, then every training row scored)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    with clock("load"):
         as_linear_layers(task.model)  # GPT-2's Conv1D → nn.Linear (the peers watch nn.Linear only)
         kf_task = make_task_class()(task.module_names)
         model = prepare_model(model=task.model, task=kf_task)
@@ -123,16 +162,9 @@ def main() -> None:
                                          train_dataset=train_set, per_device_query_batch_size=len(query_set),
                                          per_device_train_batch_size=args.batch_size, score_args=score_args,
                                          overwrite_output_dir=True)
-        scores = analyzer.load_pairwise_scores(scores_name="pairwise")["all_modules"]
-    import kronfluence
-
-    write_result(args.out, f"kronfluence-{args.strategy}", scores.float().numpy(), clock, task,
-                 notes=f"Kronfluence {getattr(kronfluence, '__version__', '?')} strategy={args.strategy}, "
-                       + ("" if args.strategy == "identity" else
-                          f"damping {args.damping} ({score_args.damping_factor}), "
-                          + ("empirical" if args.empirical_fisher else "true (sampled-label)") + " Fisher, ")
-                       + "unprojected gradients, measurement = summed response loss")
+        scores = analyzer.load_pairwise_scores(scores_name="pairwise")["all_modules"].float().numpy()
     shutil.rmtree(work, ignore_errors=True)
+    return scores
 
 
 if __name__ == "__main__":
