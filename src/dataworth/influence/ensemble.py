@@ -1,9 +1,9 @@
 """Checkpoint ensembles: one scores run from the weighted mean of several runs over the same queries and rows.
 
-Why: on real text no single-checkpoint influence beat Kronfluence EK-FAC's LDS; the mean of the scores taken
-at a few checkpoints of one training run (TRAK's model ensemble, TracIn's sum over checkpoints) is what
-closed most of the gap (README, "Real text"). A user who kept checkpoints extracts, fits and scores
-(``--full``) at each, then `combine_scores` averages them::
+Why: on real text the final checkpoint is a poor one to attribute with, and the mean of the scores taken at a
+few checkpoints of one training run (TRAK's model ensemble, TracIn's sum over checkpoints) raised LDS more
+than any single-model option, for dataworth and Kronfluence alike (README, "Checkpoint ensembles, weighted").
+A user who kept checkpoints extracts, fits and scores (``--full``) at each, then `combine_scores` averages them::
 
     s(q, n) = Σ_c w_c s_c(q, n)          w_c ≥ 0, Σ_c w_c = 1 (given weights are normalised)
 
@@ -16,7 +16,8 @@ same mode and curvature kind, and be computed on a store with the same row ids i
 store is opened and checked against its run's recorded digest). The result is an ordinary scores
 directory: exact top-k (ties to the lower row), the full matrix, and a summary whose ``store``, ``model`` and
 ``curvature`` are the *last* run's (list the final checkpoint last), so `value` and `report` read it as
-they read any run. The matrices are read in query batches; memory does not grow with the number of runs.
+they read any run. The matrices are read in query batches sized to ``COMBINE_BUDGET_MB`` of buffers,
+whatever the number of runs.
 """
 
 from __future__ import annotations
