@@ -187,6 +187,30 @@ class Stopwatch:
         self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0
 
 
+def kept_checkpoints(model: str, mode: str) -> list[Path]:
+    """The models an adapter attributes with: ``[model]`` for ``--checkpoints final``, else every
+    ``model/checkpoints/epoch-N`` in epoch order (SystemExit when there is none)."""
+    if mode != "ensemble":
+        return [Path(model)]
+    found = sorted((Path(model) / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not found:
+        raise SystemExit(f"{model}: no checkpoints/epoch-N to ensemble")
+    return found
+
+
+def combine_checkpoints(args: argparse.Namespace, matrices: list[np.ndarray]) -> tuple[np.ndarray, str]:
+    """The checkpoints' ``[Q, N]`` matrices combined as ``dataworth combine`` combines them (``--ensemble-weights``,
+    ``--standardise``), and the words for the notes (empty for one matrix)."""
+    if len(matrices) == 1:
+        return matrices[0], ""
+    from dataworth.influence.ensemble import ensemble_scores, parse_weights
+
+    weights = parse_weights(args.ensemble_weights, len(matrices))
+    note = (f", ensemble of {len(matrices)} checkpoints, weights {', '.join(f'{w:.3g}' for w in weights)}"
+            + (", each standardised per query" if args.standardise else ""))
+    return ensemble_scores(matrices, weights, args.standardise), note
+
+
 def write_result(out: str | os.PathLike, method: str, scores: np.ndarray, clock: Stopwatch, task: PeerTask,
                  notes: str = "", **extra: Any) -> None:
     """Write ``scores.npy`` ([Q, N] float32) and ``timing.json`` atomically (tmp + ``os.replace``)."""

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Stopwatch, load_task, parse_args, write_result  # noqa: E402
+from common import Stopwatch, combine_checkpoints, kept_checkpoints, load_task, parse_args, write_result  # noqa: E402
 
 
 def options(ap) -> None:
@@ -57,7 +57,6 @@ def main() -> None:
     from dataworth.evaluation.methods import AttributionConfig
     from dataworth.gradients.extract import ExtractConfig
     from dataworth.influence.curvature import DEFAULT_CURVATURE
-    from dataworth.influence.ensemble import ensemble_scores, parse_weights
 
     if args.defaults:
         d = ExtractConfig()
@@ -72,11 +71,7 @@ def main() -> None:
     clock = Stopwatch()
     with clock("load"):
         task = load_task(args)
-    models = [Path(args.model)]
-    if args.checkpoints == "ensemble":
-        models = sorted((Path(args.model) / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not models:
-            raise SystemExit(f"{args.model}: no checkpoints/epoch-N to ensemble")
+    models = kept_checkpoints(args.model, args.checkpoints)
     matrices, dims = [], []
     for i, model_dir in enumerate(models):
         matrices.append(scores_at(args, method, task if i == 0 and args.checkpoints == "final" else None,
@@ -86,16 +81,11 @@ def main() -> None:
            if args.optimizer == "adam" else f"{args.curvature} damping {args.damping}, {args.mode}")
     notes = (("defaults: " if args.defaults else "") + f"LoGra {args.projection} {rank} on "
              f"{len(task.module_names)} layers, {args.dtype} rows, {how}"
-             + (", query measures the end token" if args.measure_end_token else "")
-             + (f", mean of {len(models)} checkpoints" if len(models) > 1 else ""))
+             + (", query measures the end token" if args.measure_end_token else ""))
     if len(models) > 1:  # [C, Q, N] in checkpoint order: weightings of the ensemble are judged offline from it
         np.save(Path(args.out) / "scores_by_checkpoint.npy", np.asarray(matrices, dtype=np.float32))
-    weights = parse_weights(args.ensemble_weights, len(matrices))
-    if args.ensemble_weights or args.standardise:
-        notes += (f", weights {', '.join(f'{w:.3g}' for w in weights)}" if args.ensemble_weights else "") + (
-            ", each standardised per query" if args.standardise else "")
-    write_result(args.out, "dataworth", ensemble_scores(matrices, weights, args.standardise), clock, task,
-                 notes=notes, store_dim=int(dims[0]))
+    scores, ensemble_note = combine_checkpoints(args, matrices)
+    write_result(args.out, "dataworth", scores, clock, task, notes=notes + ensemble_note, store_dim=int(dims[0]))
 
 
 def scores_at(args, method, task, model_dir: Path, clock: Stopwatch, dims: list) -> np.ndarray:

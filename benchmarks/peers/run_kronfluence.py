@@ -30,7 +30,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import as_linear_layers, Stopwatch, batch_dict, load_task, parse_args, summed_losses, write_result  # noqa: E402
+from common import (  # noqa: E402
+    Stopwatch,
+    as_linear_layers,
+    batch_dict,
+    combine_checkpoints,
+    kept_checkpoints,
+    load_task,
+    parse_args,
+    summed_losses,
+    write_result,
+)
 
 
 def options(ap) -> None:
@@ -103,31 +113,16 @@ def main() -> None:
     import kronfluence
 
     clock = Stopwatch()
-    with clock("load"):
-        task = load_task(args)
-    models = [Path(args.model)]
-    if args.checkpoints == "ensemble":
-        models = sorted((Path(args.model) / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not models:
-            raise SystemExit(f"{args.model}: no checkpoints/epoch-N to ensemble")
     matrices = []
-    for i, model_dir in enumerate(models):
-        if i > 0 or args.checkpoints == "ensemble":
-            with clock("load"):
-                task = load_task(args, model_dir=str(model_dir))
+    for model_dir in kept_checkpoints(args.model, args.checkpoints):
+        with clock("load"):
+            task = load_task(args, model_dir=str(model_dir))
         matrices.append(kronfluence_scores(args, task, clock))
-    scores = matrices[0]
+    scores, ensemble_note = combine_checkpoints(args, matrices)
     notes = (f"Kronfluence {getattr(kronfluence, '__version__', '?')} strategy={args.strategy}, "
              + ("" if args.strategy == "identity" else
                 f"damping {args.damping}, " + ("empirical" if args.empirical_fisher else "true (sampled-label)")
-                + " Fisher, ") + "unprojected gradients, measurement = summed response loss")
-    if len(models) > 1:  # the same ensemble as dataworth's adapter and `dataworth combine` (dataworth's function)
-        from dataworth.influence.ensemble import ensemble_scores, parse_weights
-
-        weights = parse_weights(args.ensemble_weights, len(matrices))
-        scores = ensemble_scores(matrices, weights, args.standardise)
-        notes += (f", ensemble of {len(models)} checkpoints, weights {', '.join(f'{w:.3g}' for w in weights)}"
-                  + (", each standardised per query" if args.standardise else ""))
+                + " Fisher, ") + "unprojected gradients, measurement = summed response loss" + ensemble_note)
     write_result(args.out, f"kronfluence-{args.strategy}", scores, clock, task, notes=notes)
 
 
